@@ -1,0 +1,368 @@
+//! Configuration: one documented serde struct per `proxy.toml` section,
+//! environment overrides (`PGSTASH_SECTION__KEY`) and the CLI shortcuts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole of `proxy.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address clients connect to.
+    pub listen: String,
+    /// Client connections beyond this are refused with SQLSTATE 53300.
+    pub max_client_conn: usize,
+    /// Largest protocol message accepted from a client or a server, in bytes.
+    pub max_message_size: usize,
+    /// A client must finish its startup within this time.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// On SIGTERM, in-flight transactions get this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Log format: "text" or "json".
+    pub log_format: String,
+    /// Default tracing filter, e.g. "info" or "pgstash=debug".
+    pub log_level: String,
+    pub upstream: UpstreamConfig,
+    pub pool: PoolConfig,
+    /// Client database name → upstream database.
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    /// User name → upstream credentials.
+    pub users: BTreeMap<String, UserConfig>,
+}
+
+/// The server used for client databases not listed under `[databases]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Empty means: only databases listed under `[databases]` are served.
+    pub host: String,
+    pub port: u16,
+    /// Password used upstream for users without one of their own.
+    pub password: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection belongs to a client for one transaction.
+    Transaction,
+    /// A server connection belongs to a client for its whole life.
+    Session,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Server connections per (database, user).
+    pub size: usize,
+    /// Idle server connections kept open per (database, user).
+    pub min_idle: usize,
+    /// Idle server connections above `min_idle` are closed after this.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Server connections are closed (when idle) after this age.
+    #[serde(with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// How long a client may wait for a server connection.
+    #[serde(with = "humantime_serde")]
+    pub query_wait_timeout: Duration,
+    /// A connection idle longer than this is checked before reuse.
+    #[serde(with = "humantime_serde")]
+    pub server_check_delay: Duration,
+    /// Consecutive connect failures that open the circuit.
+    pub circuit_failures: u32,
+    /// How long an open circuit fails clients fast before trying again.
+    #[serde(with = "humantime_serde")]
+    pub circuit_open_for: Duration,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Defaults to `[upstream].host`.
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    /// Upstream database name; defaults to the client's.
+    pub dbname: Option<String>,
+    /// Overrides `[pool].size` for this database.
+    pub pool_size: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserConfig {
+    /// Password pgstash uses to log in to Postgres as this user.
+    pub password: Option<String>,
+    /// Overrides `[pool].size` for this user.
+    pub pool_size: Option<usize>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:6432".into(),
+            max_client_conn: 10_000,
+            max_message_size: 256 * 1024 * 1024,
+            startup_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+            log_format: "text".into(),
+            log_level: "info".into(),
+            upstream: UpstreamConfig::default(),
+            pool: PoolConfig::default(),
+            databases: BTreeMap::new(),
+            users: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            host: String::new(),
+            port: 5432,
+            password: None,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Transaction,
+            size: 20,
+            min_idle: 2,
+            idle_timeout: Duration::from_secs(30),
+            server_lifetime: Duration::from_secs(3600),
+            query_wait_timeout: Duration::from_secs(30),
+            server_check_delay: Duration::from_secs(30),
+            circuit_failures: 5,
+            circuit_open_for: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Where a client's (database, user) pair goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+}
+
+impl Config {
+    /// Reads `path` (if any), applies `PGSTASH_*` overrides and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::from_toml_and_env(&text, &env)
+    }
+
+    pub fn from_toml_and_env(text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        for (name, value) in env {
+            if let Some(path) = name.strip_prefix("PGSTASH_") {
+                apply_override(&mut table, path, value);
+            }
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(format!("listen = {:?} is not HOST:PORT", self.listen));
+        }
+        if self.pool.size == 0 {
+            return invalid("pool.size must be at least 1".into());
+        }
+        if self.pool.min_idle > self.pool.size {
+            return invalid("pool.min_idle cannot exceed pool.size".into());
+        }
+        if self.max_message_size < 1024 {
+            return invalid("max_message_size must be at least 1024".into());
+        }
+        for (name, db) in &self.databases {
+            if db.host.is_none() && self.upstream.host.is_empty() {
+                return invalid(format!(
+                    "database {name:?} has no host and [upstream] sets none"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `--upstream postgres://[user[:password]@]host:port[/database]`.
+    pub fn apply_upstream_url(&mut self, url: &str) -> Result<(), ConfigError> {
+        let parsed = url::Url::parse(url).map_err(|e| ConfigError::Invalid(format!("--upstream: {e}")))?;
+        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+            return Err(ConfigError::Invalid("--upstream must be a postgres:// URL".into()));
+        }
+        self.upstream.host = parsed
+            .host_str()
+            .ok_or_else(|| ConfigError::Invalid("--upstream has no host".into()))?
+            .to_owned();
+        self.upstream.port = parsed.port().unwrap_or(5432);
+        if let Some(password) = parsed.password() {
+            let decoded = percent_decode(password);
+            self.upstream.password = Some(decoded.clone());
+            if !parsed.username().is_empty() {
+                let user = percent_decode(parsed.username());
+                self.users.entry(user).or_default().password = Some(decoded);
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves where a client's database and user go, or `None` if the
+    /// database is not served.
+    pub fn target(&self, database: &str, user: &str) -> Option<Target> {
+        let (host, port, dbname) = match self.databases.get(database) {
+            Some(db) => (
+                db.host.clone().unwrap_or_else(|| self.upstream.host.clone()),
+                db.port.unwrap_or(self.upstream.port),
+                db.dbname.clone().unwrap_or_else(|| database.to_owned()),
+            ),
+            None if !self.upstream.host.is_empty() => {
+                (self.upstream.host.clone(), self.upstream.port, database.to_owned())
+            }
+            None => return None,
+        };
+        Some(Target {
+            host,
+            port,
+            database: dbname,
+            user: user.to_owned(),
+        })
+    }
+
+    pub fn password_for(&self, user: &str) -> Option<String> {
+        self.users
+            .get(user)
+            .and_then(|u| u.password.clone())
+            .or_else(|| self.upstream.password.clone())
+    }
+
+    pub fn pool_size_for(&self, database: &str, user: &str) -> usize {
+        self.users
+            .get(user)
+            .and_then(|u| u.pool_size)
+            .or_else(|| self.databases.get(database).and_then(|d| d.pool_size))
+            .unwrap_or(self.pool.size)
+    }
+
+    /// The effective configuration as TOML, with every password masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut masked = self.clone();
+        let mask = |p: &mut Option<String>| {
+            if p.is_some() {
+                *p = Some("********".into());
+            }
+        };
+        mask(&mut masked.upstream.password);
+        for user in masked.users.values_mut() {
+            mask(&mut user.password);
+        }
+        toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| s.to_owned())
+}
+
+/// `PGSTASH_POOL__MIN_IDLE=4` sets `pool.min_idle`; `__` separates levels,
+/// so keys that contain `_` stay unambiguous.
+fn apply_override(table: &mut toml::Table, path: &str, value: &str) {
+    let lowered = path.to_ascii_lowercase();
+    let mut parts: Vec<&str> = lowered.split("__").collect();
+    let Some(last) = parts.pop() else { return };
+    let mut current = table;
+    for part in parts {
+        let entry = current
+            .entry(part.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(next) = entry else { return };
+        current = next;
+    }
+    current.insert(last.to_owned(), parse_env_value(value));
+}
+
+fn parse_env_value(value: &str) -> toml::Value {
+    if let Ok(i) = value.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(b) = value.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    toml::Value::String(value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_file() {
+        let env = vec![
+            ("PGSTASH_POOL__SIZE".to_string(), "7".to_string()),
+            ("PGSTASH_POOL__IDLE_TIMEOUT".to_string(), "5s".to_string()),
+            ("PGSTASH_LISTEN".to_string(), "127.0.0.1:7000".to_string()),
+        ];
+        let config = Config::from_toml_and_env("[pool]\nsize = 3\nmode = \"session\"\n", &env).unwrap();
+        assert_eq!(config.pool.size, 7);
+        assert_eq!(config.pool.idle_timeout, Duration::from_secs(5));
+        assert_eq!(config.pool.mode, PoolMode::Session);
+        assert_eq!(config.listen, "127.0.0.1:7000");
+    }
+
+    #[test]
+    fn upstream_url_fills_pass_through() {
+        let mut config = Config::default();
+        config.apply_upstream_url("postgres://bob:s%40cret@db.local:5433").unwrap();
+        let target = config.target("anydb", "carol").unwrap();
+        assert_eq!((target.host.as_str(), target.port), ("db.local", 5433));
+        assert_eq!(target.database, "anydb");
+        assert_eq!(config.password_for("bob").as_deref(), Some("s@cret"));
+        assert!(config.to_masked_toml().contains("********"));
+        assert!(!config.to_masked_toml().contains("s@cret"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(Config::from_toml_and_env("[pool]\nsise = 3\n", &[]).is_err());
+    }
+}

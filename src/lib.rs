@@ -1,0 +1,30 @@
+//! pgstash: a caching, pooling sidecar proxy for PostgreSQL.
+//!
+//! # Layout
+//!
+//! - [`config`]: `proxy.toml`, environment overrides, CLI shortcuts.
+//! - [`listener`]: accept loop, client limits, graceful shutdown.
+//! - [`protocol`]: frame splitting, the few typed message views, outgoing
+//!   batches.
+//! - [`session`]: one task per client: startup, then relaying frames.
+//! - [`upstream`]: authenticated server connections and their pools.
+//! - [`sql`]: what statements do to a session (settings, pinning).
+//! - [`auth`]: client authentication.
+//!
+//! # The path of a query
+//!
+//! A client's bytes are split into frames ([`protocol::frame`]). The
+//! session takes a server connection from the pool on the first message of
+//! a transaction (replaying the client's settings if the server's differ),
+//! forwards the frames unchanged — or, for named prepared statements,
+//! rewritten to a name shared by every client — and relays the server's
+//! answer back, frame for frame. When ReadyForQuery reports the server idle
+//! with nothing else in flight, the connection goes back to the pool.
+
+pub mod auth;
+pub mod config;
+pub mod listener;
+pub mod protocol;
+pub mod session;
+pub mod sql;
+pub mod upstream;

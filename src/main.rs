@@ -1,0 +1,104 @@
+//! The `pgstash` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgstash::config::Config;
+use pgstash::listener::{self, Proxy};
+
+#[derive(Parser)]
+#[command(name = "pgstash", version, about = "A caching, pooling sidecar proxy for PostgreSQL")]
+struct Cli {
+    /// Configuration file (see the shipped proxy.toml).
+    #[arg(long, global = true, env = "PGSTASH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, HOST:PORT (overrides `listen`).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Default upstream: postgres://[user[:password]@]host:port[/database].
+    /// Client database and user names pass through to this server.
+    #[arg(long)]
+    upstream: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and print it, secrets masked.
+    CheckConfig,
+}
+
+fn load(cli: &Cli) -> Result<Config, String> {
+    let mut config = Config::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(listen) = &cli.listen {
+        config.listen = listen.clone();
+    }
+    if let Some(url) = &cli.upstream {
+        config.apply_upstream_url(url).map_err(|e| e.to_string())?;
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGSTASH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("pgstash: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::CheckConfig) = cli.command {
+        print!("{}", config.to_masked_toml());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgstash: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match listener::bind(&config).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("pgstash: cannot listen on {}: {e}", config.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(listen = %config.listen, upstream = %config.upstream.host, "pgstash listening");
+        let proxy = Proxy::new(config);
+        listener::run(listener, proxy, shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,151 @@
+//! Server → client: frames pass through untouched except the answers to
+//! messages pgstash injected, and the `pending` queue advances with them.
+
+use bytes::BytesMut;
+
+use super::{Expect, Session, SessionError};
+use crate::protocol::frame::Frame;
+use crate::protocol::messages as msg;
+
+impl Session {
+    pub(super) async fn on_server_input(&mut self) -> Result<(), SessionError> {
+        loop {
+            let next = match self.server.as_mut() {
+                Some(server) => server.next_buffered_frame(),
+                None => break,
+            };
+            match next {
+                Ok(Some(frame)) => self.on_server_frame(frame),
+                Ok(None) => break,
+                Err(e) => {
+                    self.on_server_lost(e).await?;
+                    break;
+                }
+            }
+        }
+        self.drain_local();
+        if !self.out.is_empty() {
+            self.out.flush_to(&mut self.client).await?;
+        }
+        if let Err(e) = self.on_batch_end().await {
+            match e {
+                SessionError::Upstream(u) => self.on_server_lost(u).await?,
+                other => return Err(other),
+            }
+        }
+        Ok(())
+    }
+
+    /// Emits the local answers that are now at the front of the queue.
+    fn drain_local(&mut self) {
+        while let Some(front) = self.pending.front() {
+            match front {
+                Expect::Local(_) => {
+                    if let Some(Expect::Local(bytes)) = self.pending.pop_front() {
+                        self.out.push(bytes);
+                    }
+                }
+                Expect::LocalReady => {
+                    self.pending.pop_front();
+                    let mut out = BytesMut::new();
+                    msg::ready_for_query(&mut out, self.tx_status);
+                    self.out.push(out);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn on_server_frame(&mut self, frame: Frame) {
+        self.drain_local();
+        match frame.tag {
+            msg::PARSE_COMPLETE => {
+                if let Some(Expect::Parse { shown, .. }) = self.pending.front() {
+                    let shown = *shown;
+                    self.pending.pop_front();
+                    if !shown {
+                        return;
+                    }
+                }
+            }
+            msg::BIND_COMPLETE | msg::CLOSE_COMPLETE | msg::NO_DATA => {
+                if matches!(
+                    self.pending.front(),
+                    Some(Expect::Bind | Expect::Close | Expect::Describe)
+                ) {
+                    self.pending.pop_front();
+                }
+            }
+            msg::ROW_DESCRIPTION => {
+                if matches!(self.pending.front(), Some(Expect::Describe)) {
+                    self.pending.pop_front();
+                }
+            }
+            msg::COMMAND_COMPLETE | msg::EMPTY_QUERY | msg::PORTAL_SUSPENDED => {
+                if matches!(self.pending.front(), Some(Expect::Execute)) {
+                    self.pending.pop_front();
+                }
+            }
+            msg::ERROR_RESPONSE => self.on_server_error(&frame),
+            msg::READY_FOR_QUERY => {
+                while let Some(expect) = self.pending.pop_front() {
+                    if expect.is_sync_point() {
+                        break;
+                    }
+                    self.undo(expect);
+                }
+                self.tx_status = msg::ready_status(&frame.raw);
+            }
+            msg::PARAMETER_STATUS => {
+                if let Some((name, value)) = msg::parameter_status_fields(frame.body()) {
+                    self.settings.reported(&name, &value);
+                    if let Some(server) = self.server.as_mut() {
+                        let name = name.to_ascii_lowercase();
+                        if super::settings::ClientSettings::is_tracked(&name) {
+                            server.settings.insert(name, value);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.out.push(frame.raw);
+    }
+
+    /// After an error Postgres skips every message up to Sync; so does the
+    /// queue, undoing what those messages would have done.
+    fn on_server_error(&mut self, frame: &Frame) {
+        self.after_batch.error_seen = true;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let (code, message) = msg::error_fields(frame.body());
+            tracing::debug!(code, message, "server error");
+        }
+        while let Some(front) = self.pending.front() {
+            if front.is_sync_point() {
+                break;
+            }
+            if let Some(expect) = self.pending.pop_front() {
+                self.undo(expect);
+            }
+        }
+    }
+
+    /// A Parse that never completed leaves no statement behind.
+    fn undo(&mut self, expect: Expect) {
+        if let Expect::Parse {
+            prepared: Some(id),
+            client_name,
+            ..
+        } = expect
+        {
+            if let Some(server) = self.server.as_mut() {
+                server.prepared.remove(&id);
+            }
+            if let Some(name) = client_name {
+                if self.statements.get(&name).is_some_and(|s| s.id == id) {
+                    self.statements.remove(&name);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! Client → server: each frontend message is forwarded as it came, or
+//! rewritten to the shared statement name, or answered by pgstash.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use xxhash_rust::xxh3::Xxh3;
+
+use super::{Expect, Flow, Session, SessionError, Statement};
+use crate::config::PoolMode;
+use crate::protocol::frame::{split_frame, Frame};
+use crate::protocol::messages::{self as msg, Bind, Parse, Target};
+use crate::sql::session_effects;
+use crate::sql::SessionEffects;
+
+impl Session {
+    /// Handles every complete frame the client has sent, then writes what
+    /// is due to the server and to the client.
+    pub(super) async fn on_client_input(&mut self) -> Result<Flow, SessionError> {
+        let max = self.proxy.config().max_message_size;
+        let mut flow = Flow::Continue;
+        loop {
+            let frame = match split_frame(&mut self.client_buf, max) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => return Err(SessionError::Protocol(e.to_string())),
+            };
+            if self.on_client_frame(frame).await? == Flow::Stop {
+                flow = Flow::Stop;
+                break;
+            }
+        }
+        self.flush_server().await?;
+        if !self.out.is_empty() {
+            self.out.flush_to(&mut self.client).await?;
+        }
+        Ok(flow)
+    }
+
+    async fn flush_server(&mut self) -> Result<(), SessionError> {
+        if self.server_out.is_empty() {
+            return Ok(());
+        }
+        let data = self.server_out.split();
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = server.write_while_reading(&data).await {
+            self.on_server_lost(e).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_client_frame(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        if !msg::is_frontend_tag(frame.tag) {
+            return Err(SessionError::Protocol(format!(
+                "invalid frontend message type {}",
+                frame.tag
+            )));
+        }
+        if frame.tag == msg::TERMINATE {
+            return Ok(Flow::Stop);
+        }
+        if self.discard_until_sync {
+            if frame.tag == msg::SYNC {
+                self.discard_until_sync = false;
+                self.on_sync(frame).await;
+            }
+            return Ok(Flow::Continue);
+        }
+        match frame.tag {
+            msg::QUERY => self.on_query(frame).await?,
+            msg::PARSE => self.on_parse(frame).await?,
+            msg::BIND => self.on_bind(frame).await?,
+            msg::DESCRIBE => self.on_describe(frame).await?,
+            msg::CLOSE => self.on_close(frame).await?,
+            msg::SYNC => self.on_sync(frame).await,
+            msg::EXECUTE => self.forward(frame, Some(Expect::Execute), true).await,
+            msg::FUNCTION_CALL => self.forward(frame, Some(Expect::FunctionCall), false).await,
+            msg::FLUSH => {
+                if self.server.is_some() {
+                    self.server_out.extend_from_slice(&frame.raw);
+                }
+            }
+            // COPY data outside a COPY is ignored by Postgres as well.
+            _ => {
+                if self.server.is_some() {
+                    self.server_out.extend_from_slice(&frame.raw);
+                }
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Forwards a frame unchanged, attaching a server first.
+    async fn forward(&mut self, frame: Frame, expect: Option<Expect>, extended: bool) {
+        if !self.attach_or_fail(extended).await {
+            return;
+        }
+        self.server_out.unsplit(frame.raw);
+        if let Some(e) = expect {
+            self.pending.push_back(e);
+        }
+    }
+
+    /// Attaches a server; on failure answers with the error (and, for a
+    /// simple query, ReadyForQuery) and returns false.
+    async fn attach_or_fail(&mut self, extended: bool) -> bool {
+        match self.ensure_attached().await {
+            Ok(()) => true,
+            Err((code, message)) => {
+                self.push_error(&code, &message);
+                if extended {
+                    self.discard_until_sync = true;
+                } else {
+                    self.push_local_ready();
+                }
+                false
+            }
+        }
+    }
+
+    fn apply_effects(&mut self, effects: &SessionEffects) {
+        if effects.is_empty() {
+            return;
+        }
+        self.settings.dirty.extend(effects.set.iter().cloned());
+        self.after_batch.reset.extend(effects.reset.iter().cloned());
+        self.after_batch.reset_all |= effects.reset_all;
+        self.after_batch.discard_all |= effects.discard_all;
+        if let Some(reason) = effects.pin {
+            if self.mode == PoolMode::Transaction && self.pinned.is_none() {
+                tracing::debug!(reason, "client pinned to its server connection");
+                self.pinned = Some(reason);
+            }
+        }
+    }
+
+    async fn on_query(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let effects = msg::query_text(frame.body()).map(session_effects).unwrap_or_default();
+        if let Some(target) = &effects.deallocate {
+            if self.deallocate_locally(target.as_deref()) {
+                return Ok(());
+            }
+        }
+        self.apply_effects(&effects);
+        self.forward(frame, Some(Expect::Query), false).await;
+        Ok(())
+    }
+
+    /// `DEALLOCATE name` of a protocol-level statement is pgstash's to
+    /// answer: the server knows the statement under its shared name.
+    fn deallocate_locally(&mut self, target: Option<&str>) -> bool {
+        let tag = match target {
+            Some(name) => {
+                if self.statements.remove(name.as_bytes()).is_none() {
+                    return false;
+                }
+                "DEALLOCATE"
+            }
+            None => {
+                self.statements.clear();
+                if self.pinned == Some("SQL PREPARE") {
+                    // SQL-level statements live on the server: let it drop them.
+                    self.after_batch.deallocate_all = true;
+                    return false;
+                }
+                "DEALLOCATE ALL"
+            }
+        };
+        let mut out = BytesMut::new();
+        msg::command_complete(&mut out, tag);
+        self.push_local(out);
+        self.push_local_ready();
+        true
+    }
+
+    async fn on_parse(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let Some(parse) = Parse::decode(frame.body()) else {
+            return Err(SessionError::Protocol("malformed Parse message".into()));
+        };
+        let effects = std::str::from_utf8(parse.query).map(session_effects).unwrap_or_default();
+        if parse.name.is_empty() {
+            self.apply_effects(&effects);
+            self.forward(
+                frame,
+                Some(Expect::Parse {
+                    shown: true,
+                    prepared: None,
+                    client_name: None,
+                }),
+                true,
+            )
+            .await;
+            return Ok(());
+        }
+        if self.statements.contains_key(parse.name) {
+            let name = String::from_utf8_lossy(parse.name).into_owned();
+            self.push_error("42P05", &format!("prepared statement \"{name}\" already exists"));
+            self.discard_until_sync = true;
+            return Ok(());
+        }
+        let id = statement_id(&parse);
+        let statement = Arc::new(Statement {
+            id,
+            server_name: format!("pgstash_{id:032x}").into_bytes(),
+            query: parse.query.to_vec(),
+            param_types: parse.param_types.clone(),
+            effects,
+        });
+        self.apply_effects(&statement.effects);
+        if !self.attach_or_fail(true).await {
+            return Ok(());
+        }
+        self.statements.insert(parse.name.to_vec(), statement.clone());
+        let client_name = Some(parse.name.to_vec());
+        let Some(server) = self.server.as_mut() else { return Ok(()) };
+        if server.prepared.contains(&id) {
+            let mut out = BytesMut::new();
+            msg::empty_message(&mut out, msg::PARSE_COMPLETE);
+            self.push_local(out);
+        } else {
+            server.prepared.insert(id);
+            parse.encode_named(&statement.server_name, &mut self.server_out);
+            self.pending.push_back(Expect::Parse {
+                shown: true,
+                prepared: Some(id),
+                client_name,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes sure the attached server has `statement`, preparing it there
+    /// (silently) if this client landed on a server that never saw it.
+    fn ensure_prepared(&mut self, statement: &Statement) {
+        let Some(server) = self.server.as_mut() else { return };
+        if server.prepared.insert(statement.id) {
+            let parse = Parse {
+                name: &statement.server_name,
+                query: &statement.query,
+                param_types: statement.param_types.clone(),
+            };
+            parse.encode_named(&statement.server_name, &mut self.server_out);
+            self.pending.push_back(Expect::Parse {
+                shown: false,
+                prepared: Some(statement.id),
+                client_name: None,
+            });
+        }
+    }
+
+    async fn on_bind(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let Some(bind) = Bind::decode(frame.body()) else {
+            return Err(SessionError::Protocol("malformed Bind message".into()));
+        };
+        let statement = self.statements.get(bind.statement).cloned();
+        let Some(statement) = statement else {
+            self.forward(frame, Some(Expect::Bind), true).await;
+            return Ok(());
+        };
+        self.apply_effects(&statement.effects);
+        if !self.attach_or_fail(true).await {
+            return Ok(());
+        }
+        self.ensure_prepared(&statement);
+        bind.encode_with_statement(&statement.server_name, &mut self.server_out);
+        self.pending.push_back(Expect::Bind);
+        Ok(())
+    }
+
+    async fn on_describe(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let Some(target) = Target::decode(frame.body()) else {
+            return Err(SessionError::Protocol("malformed Describe message".into()));
+        };
+        let statement = match target.kind {
+            b'S' => self.statements.get(target.name).cloned(),
+            _ => None,
+        };
+        let Some(statement) = statement else {
+            self.forward(frame, Some(Expect::Describe), true).await;
+            return Ok(());
+        };
+        if !self.attach_or_fail(true).await {
+            return Ok(());
+        }
+        self.ensure_prepared(&statement);
+        target.encode(msg::DESCRIBE, &statement.server_name, &mut self.server_out);
+        self.pending.push_back(Expect::Describe);
+        Ok(())
+    }
+
+    async fn on_close(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let Some(target) = Target::decode(frame.body()) else {
+            return Err(SessionError::Protocol("malformed Close message".into()));
+        };
+        if target.kind == b'S' && self.statements.remove(target.name).is_some() {
+            // Other clients may share the server-side statement; only the
+            // client's name for it goes away.
+            let mut out = BytesMut::new();
+            msg::empty_message(&mut out, msg::CLOSE_COMPLETE);
+            self.push_local(out);
+            return Ok(());
+        }
+        self.forward(frame, Some(Expect::Close), true).await;
+        Ok(())
+    }
+
+    async fn on_sync(&mut self, frame: Frame) {
+        if self.server.is_none() {
+            // Nothing in flight and no server: the answer is known.
+            self.push_local_ready();
+            return;
+        }
+        self.server_out.unsplit(frame.raw);
+        self.pending.push_back(Expect::Sync);
+    }
+}
+
+/// The shared identity of a statement: same text and parameter types from
+/// any client means the same server-side statement.
+fn statement_id(parse: &Parse<'_>) -> u128 {
+    let mut hasher = Xxh3::new();
+    hasher.update(parse.query);
+    hasher.update(&[0]);
+    for oid in &parse.param_types {
+        hasher.update(&oid.to_be_bytes());
+    }
+    hasher.digest128()
+}

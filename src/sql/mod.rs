@@ -1,0 +1,5 @@
+//! What pgstash needs to know about SQL text.
+
+pub mod effects;
+
+pub use effects::{session_effects, SessionEffects};

@@ -1,0 +1,358 @@
+//! One connection to Postgres: connect, authenticate with postgres-protocol
+//! (cleartext, md5, SCRAM-SHA-256), then read and write raw frames.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::Target;
+use crate::protocol::frame::{split_frame, Frame, FrameError};
+use crate::protocol::messages::{self as msg, error_fields};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connection to {0} timed out")]
+    ConnectTimeout(String),
+    #[error("server connection lost: {0}")]
+    Io(#[from] std::io::Error),
+    /// Postgres refused us with an ErrorResponse; the SQLSTATE is kept so a
+    /// client sees the same error it would have seen connecting directly.
+    #[error("{message}")]
+    Server { code: String, message: String },
+    #[error("protocol violation from server: {0}")]
+    Protocol(String),
+    #[error("server requires a password for user {0:?} and none is configured")]
+    NoPassword(String),
+}
+
+impl UpstreamError {
+    /// Failures of the server itself (count towards the circuit breaker and
+    /// are retried), as opposed to Postgres refusing this login.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            UpstreamError::Connect { .. }
+            | UpstreamError::ConnectTimeout(_)
+            | UpstreamError::Io(_) => true,
+            // 57P03: starting up / shutting down; 53300: too many connections.
+            UpstreamError::Server { code, .. } => code == "57P03" || code == "53300",
+            _ => false,
+        }
+    }
+
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            UpstreamError::Server { code, .. } => code,
+            UpstreamError::NoPassword(_) => "28P01",
+            UpstreamError::Protocol(_) => "08P01",
+            _ => "08006",
+        }
+    }
+}
+
+impl From<FrameError> for UpstreamError {
+    fn from(e: FrameError) -> Self {
+        UpstreamError::Protocol(e.to_string())
+    }
+}
+
+/// An authenticated server connection and what pgstash knows about its
+/// session state.
+pub struct ServerConn {
+    pub id: u64,
+    stream: TcpStream,
+    pub read_buf: BytesMut,
+    max_message_size: usize,
+    /// ParameterStatus values reported at startup.
+    pub startup_params: Vec<(String, String)>,
+    /// The server's BackendKeyData, where a CancelRequest for it must go.
+    pub cancel_key: (i32, i32),
+    pub cancel_addr: String,
+    /// Settings that differ from this connection's startup defaults, as
+    /// values Postgres reports (lowercase names).
+    pub settings: BTreeMap<String, String>,
+    /// The client id and settings version last applied here, to skip
+    /// comparing settings when the same client comes back unchanged.
+    pub applied_for: Option<(u64, u64)>,
+    /// Server-side prepared statements (pgstash's shared names).
+    pub prepared: HashSet<u128>,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Set when the connection's state is unknown; it is then closed
+    /// instead of returning to the pool.
+    pub broken: bool,
+}
+
+/// The result of a statement pgstash runs for itself.
+#[derive(Debug, Default)]
+pub struct InternalResult {
+    pub rows: Vec<Vec<Option<String>>>,
+    pub error: Option<(String, String)>,
+    pub parameter_status: Vec<(String, String)>,
+}
+
+impl ServerConn {
+    pub async fn connect(
+        id: u64,
+        target: &Target,
+        password: Option<&str>,
+        connect_timeout: Duration,
+        max_message_size: usize,
+    ) -> Result<ServerConn, UpstreamError> {
+        let addr = format!("{}:{}", target.host, target.port);
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(addr.clone()))?
+            .map_err(|source| UpstreamError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        stream.set_nodelay(true)?;
+        let mut conn = ServerConn {
+            id,
+            stream,
+            read_buf: BytesMut::with_capacity(16 * 1024),
+            max_message_size,
+            startup_params: Vec::new(),
+            cancel_key: (0, 0),
+            cancel_addr: addr.clone(),
+            settings: BTreeMap::new(),
+            applied_for: None,
+            prepared: HashSet::new(),
+            created: Instant::now(),
+            last_used: Instant::now(),
+            broken: false,
+        };
+        tokio::time::timeout(connect_timeout, conn.startup(target, password))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(addr))??;
+        Ok(conn)
+    }
+
+    async fn startup(&mut self, target: &Target, password: Option<&str>) -> Result<(), UpstreamError> {
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", target.user.as_str()),
+                ("database", target.database.as_str()),
+            ],
+            &mut out,
+        )?;
+        self.stream.write_all(&out).await?;
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            let message = self.read_backend_message().await?;
+            out.clear();
+            match message {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    let pw = password.ok_or_else(|| UpstreamError::NoPassword(target.user.clone()))?;
+                    frontend::password_message(pw.as_bytes(), &mut out)?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let pw = password.ok_or_else(|| UpstreamError::NoPassword(target.user.clone()))?;
+                    let hash = md5_hash(target.user.as_bytes(), pw.as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut out)?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let pw = password.ok_or_else(|| UpstreamError::NoPassword(target.user.clone()))?;
+                    let mut mechanisms = body.mechanisms();
+                    let mut supported = false;
+                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechanisms)? {
+                        supported |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !supported {
+                        return Err(UpstreamError::Protocol(
+                            "server offers no SASL mechanism pgstash supports".into(),
+                        ));
+                    }
+                    let client = sasl::ScramSha256::new(pw.as_bytes(), sasl::ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, client.message(), &mut out)?;
+                    scram = Some(client);
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let client = scram
+                        .as_mut()
+                        .ok_or_else(|| UpstreamError::Protocol("unexpected SASL continue".into()))?;
+                    client.update(body.data())?;
+                    frontend::sasl_response(client.message(), &mut out)?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let client = scram
+                        .as_mut()
+                        .ok_or_else(|| UpstreamError::Protocol("unexpected SASL final".into()))?;
+                    client.finish(body.data())?;
+                }
+                backend::Message::ParameterStatus(body) => {
+                    self.startup_params
+                        .push((body.name()?.to_owned(), body.value()?.to_owned()));
+                }
+                backend::Message::BackendKeyData(body) => {
+                    self.cancel_key = (body.process_id(), body.secret_key());
+                }
+                backend::Message::NoticeResponse(_) => {}
+                backend::Message::ErrorResponse(body) => {
+                    let mut code = String::new();
+                    let mut message = String::new();
+                    let mut fields = body.fields();
+                    while let Some(f) = fallible_iterator::FallibleIterator::next(&mut fields)? {
+                        match f.type_() {
+                            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                            _ => {}
+                        }
+                    }
+                    return Err(UpstreamError::Server { code, message });
+                }
+                backend::Message::ReadyForQuery(_) => return Ok(()),
+                _ => {
+                    return Err(UpstreamError::Protocol(
+                        "unexpected message during startup".into(),
+                    ))
+                }
+            }
+            if !out.is_empty() {
+                self.stream.write_all(&out).await?;
+            }
+        }
+    }
+
+    async fn read_backend_message(&mut self) -> Result<backend::Message, UpstreamError> {
+        loop {
+            if let Some(message) = backend::Message::parse(&mut self.read_buf)? {
+                return Ok(message);
+            }
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(UpstreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    /// Splits the next buffered frame, if a whole one is there.
+    pub fn next_buffered_frame(&mut self) -> Result<Option<Frame>, UpstreamError> {
+        Ok(split_frame(&mut self.read_buf, self.max_message_size)?)
+    }
+
+    /// Reads one frame, waiting for the network as needed.
+    pub async fn read_frame(&mut self) -> Result<Frame, UpstreamError> {
+        loop {
+            if let Some(frame) = self.next_buffered_frame()? {
+                return Ok(frame);
+            }
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(UpstreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Reads whatever the server has sent into the frame buffer.
+    pub async fn read_more(&mut self) -> std::io::Result<usize> {
+        self.stream.read_buf(&mut self.read_buf).await
+    }
+
+    /// Writes client traffic while still draining the server's answers.
+    ///
+    /// A long pipeline or a big COPY can fill both directions' socket
+    /// buffers; a server blocked on writing to us stops reading, and a
+    /// plain write would then wait forever.
+    pub async fn write_while_reading(&mut self, data: &[u8]) -> Result<(), UpstreamError> {
+        let (mut reader, mut writer) = self.stream.split();
+        let mut written = 0;
+        while written < data.len() {
+            tokio::select! {
+                biased;
+                n = writer.write(&data[written..]) => {
+                    let n = n?;
+                    if n == 0 {
+                        return Err(UpstreamError::Io(std::io::ErrorKind::WriteZero.into()));
+                    }
+                    written += n;
+                }
+                n = reader.read_buf(&mut self.read_buf) => {
+                    if n? == 0 {
+                        return Err(UpstreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a statement of pgstash's own and reads its whole answer. Only
+    /// called while no client traffic is in flight on this connection.
+    pub async fn run_internal(&mut self, sql: &str) -> Result<InternalResult, UpstreamError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.write_all(&out).await?;
+        let mut result = InternalResult::default();
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                msg::DATA_ROW => result.rows.push(decode_text_row(frame.body())),
+                msg::ERROR_RESPONSE => result.error = Some(error_fields(frame.body())),
+                msg::PARAMETER_STATUS => {
+                    if let Some(pair) = msg::parameter_status_fields(frame.body()) {
+                        result.parameter_status.push(pair);
+                    }
+                }
+                msg::READY_FOR_QUERY => {
+                    if msg::ready_status(&frame.raw) != b'I' {
+                        self.broken = true;
+                    }
+                    return Ok(result);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Checks that an idle connection still answers.
+    pub async fn ping(&mut self) -> bool {
+        matches!(self.run_internal(";").await, Ok(r) if r.error.is_none()) && !self.broken
+    }
+
+    pub async fn terminate(mut self) {
+        let mut out = BytesMut::new();
+        frontend::terminate(&mut out);
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.write_all(&out)).await;
+    }
+}
+
+fn decode_text_row(body: &[u8]) -> Vec<Option<String>> {
+    let mut body = body;
+    let Some(count) = crate::protocol::frame::get_i16(&mut body) else {
+        return Vec::new();
+    };
+    let mut row = Vec::with_capacity(count.max(0) as usize);
+    for _ in 0..count {
+        let Some(len) = crate::protocol::frame::get_i32(&mut body) else {
+            break;
+        };
+        if len < 0 {
+            row.push(None);
+            continue;
+        }
+        let len = (len as usize).min(body.len());
+        row.push(Some(String::from_utf8_lossy(&body[..len]).into_owned()));
+        body = &body[len..];
+    }
+    row
+}

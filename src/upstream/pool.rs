@@ -1,0 +1,324 @@
+//! Pools of server connections, one per upstream (database, user).
+//!
+//! A semaphore bounds the connections a pool may have open; idle ones wait
+//! in a LIFO stack so the warmest connection is reused first. Connection
+//! failures are retried with exponential backoff and jitter until the
+//! client's wait deadline, and a run of failures opens a circuit that fails
+//! clients fast until a probe connection succeeds again.
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::connection::{ServerConn, UpstreamError};
+use crate::config::{Config, PoolConfig, Target};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("timed out waiting for a server connection (query_wait_timeout)")]
+    WaitTimeout,
+    #[error("upstream unavailable, failing fast: {0}")]
+    CircuitOpen(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl PoolError {
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            PoolError::WaitTimeout => "08P01",
+            PoolError::CircuitOpen(_) => "57P03",
+            PoolError::Upstream(e) => e.sqlstate(),
+        }
+    }
+}
+
+/// Counts consecutive connect failures; while open, only one probe at a
+/// time may try to connect.
+#[derive(Default)]
+struct Circuit {
+    failures: u32,
+    open_until: Option<Instant>,
+    last_error: String,
+}
+
+pub struct Pool {
+    pub target: Target,
+    password: Option<String>,
+    settings: PoolConfig,
+    connect_timeout: Duration,
+    max_message_size: usize,
+    size: usize,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<ServerConn>>,
+    circuit: Mutex<Circuit>,
+    /// ParameterStatus values from the latest login, replayed to clients at
+    /// their startup.
+    server_params: Mutex<Vec<(String, String)>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Pool {
+    /// Lends a server connection, connecting a new one if none is idle.
+    pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+        let deadline = Instant::now() + self.settings.query_wait_timeout;
+        let permit = tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| PoolError::WaitTimeout)?
+            .map_err(|_| PoolError::WaitTimeout)?;
+        while let Some(mut conn) = self.pop_idle() {
+            if conn.created.elapsed() >= self.settings.server_lifetime {
+                tokio::spawn(conn.terminate());
+                continue;
+            }
+            if conn.last_used.elapsed() >= self.settings.server_check_delay && !conn.ping().await {
+                continue;
+            }
+            return Ok(self.lend(conn, permit));
+        }
+        let conn = self.connect_with_backoff(deadline).await?;
+        Ok(self.lend(conn, permit))
+    }
+
+    fn lend(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> PooledConn {
+        PooledConn {
+            conn: Some(conn),
+            pool: self.clone(),
+            _permit: permit,
+        }
+    }
+
+    fn pop_idle(&self) -> Option<ServerConn> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    async fn connect_with_backoff(&self, deadline: Instant) -> Result<ServerConn, PoolError> {
+        let mut backoff = Duration::from_millis(25);
+        loop {
+            self.check_circuit()?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let result = ServerConn::connect(
+                id,
+                &self.target,
+                self.password.as_deref(),
+                self.connect_timeout,
+                self.max_message_size,
+            )
+            .await;
+            match result {
+                Ok(conn) => {
+                    self.record_success(&conn);
+                    return Ok(conn);
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(target = %self.target.host, error = %e, "server connect failed");
+                    self.record_failure(&e);
+                    let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+                    let pause = backoff + Duration::from_millis(jitter);
+                    if Instant::now() + pause >= deadline {
+                        return Err(PoolError::Upstream(e));
+                    }
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(PoolError::Upstream(e)),
+            }
+        }
+    }
+
+    fn check_circuit(&self) -> Result<(), PoolError> {
+        let mut circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(until) = circuit.open_until {
+            if Instant::now() < until {
+                return Err(PoolError::CircuitOpen(circuit.last_error.clone()));
+            }
+            // Half-open: let this attempt through as the probe and hold the
+            // others off for another period in case it fails too.
+            circuit.open_until = Some(Instant::now() + self.settings.circuit_open_for);
+        }
+        Ok(())
+    }
+
+    fn record_failure(&self, error: &UpstreamError) {
+        let mut circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        circuit.failures += 1;
+        circuit.last_error = error.to_string();
+        if circuit.failures >= self.settings.circuit_failures {
+            if circuit.open_until.is_none() {
+                tracing::error!(target = %self.target.host, "circuit opened after {} failures", circuit.failures);
+            }
+            circuit.open_until = Some(Instant::now() + self.settings.circuit_open_for);
+        }
+    }
+
+    fn record_success(&self, conn: &ServerConn) {
+        let mut circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        if circuit.open_until.is_some() {
+            tracing::info!(target = %self.target.host, "circuit closed: upstream is back");
+        }
+        *circuit = Circuit::default();
+        drop(circuit);
+        *self.server_params.lock().unwrap_or_else(|e| e.into_inner()) = conn.startup_params.clone();
+    }
+
+    pub fn server_params(&self) -> Vec<(String, String)> {
+        self.server_params.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Closes connections idle too long or too old, and tops the pool up to
+    /// `min_idle`.
+    async fn maintain(self: &Arc<Self>) {
+        let now = Instant::now();
+        let expired: Vec<ServerConn> = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let min_idle = self.settings.min_idle;
+            let mut keep = Vec::with_capacity(idle.len());
+            let mut expired = Vec::new();
+            // The stack's bottom holds the least recently used connections.
+            for conn in idle.drain(..) {
+                let too_old = now.duration_since(conn.created) >= self.settings.server_lifetime;
+                let idle_too_long = now.duration_since(conn.last_used) >= self.settings.idle_timeout;
+                if too_old || (idle_too_long && keep.len() + expired.len() >= min_idle) {
+                    expired.push(conn);
+                } else {
+                    keep.push(conn);
+                }
+            }
+            *idle = keep;
+            expired
+        };
+        for conn in expired {
+            conn.terminate().await;
+        }
+        let idle_count = self.idle.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if idle_count < self.settings.min_idle && self.check_circuit().is_ok() {
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                if let Ok(conn) = self.connect_with_backoff(Instant::now() + self.connect_timeout).await {
+                    drop(self.lend(conn, permit));
+                }
+            }
+        }
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.size - self.permits.available_permits()
+    }
+}
+
+/// A server connection on loan. Dropping it gives the connection back to
+/// its pool, or closes it when its state is unknown.
+pub struct PooledConn {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+    // Released after the connection is back on the idle stack, so a woken
+    // waiter finds it there.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PooledConn {
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+}
+
+impl Deref for PooledConn {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        self.conn.as_ref().expect("connection present until drop")
+    }
+}
+
+impl DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        self.conn.as_mut().expect("connection present until drop")
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else { return };
+        if conn.broken || !conn.read_buf.is_empty() {
+            return;
+        }
+        conn.last_used = Instant::now();
+        self.pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+    }
+}
+
+/// Every pool, keyed by upstream target; created on first use.
+pub struct PoolSet {
+    pools: Mutex<HashMap<Target, Arc<Pool>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Default for PoolSet {
+    fn default() -> Self {
+        PoolSet {
+            pools: Mutex::new(HashMap::new()),
+            next_id: Arc::new(AtomicU64::new(1)),
+        }
+    }
+}
+
+impl PoolSet {
+    pub fn get(&self, config: &Config, target: &Target, client_database: &str) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .entry(target.clone())
+            .or_insert_with(|| {
+                let size = config.pool_size_for(client_database, &target.user);
+                Arc::new(Pool {
+                    target: target.clone(),
+                    password: config.password_for(&target.user),
+                    settings: config.pool.clone(),
+                    connect_timeout: config.upstream.connect_timeout,
+                    max_message_size: config.max_message_size,
+                    size,
+                    permits: Arc::new(Semaphore::new(size)),
+                    idle: Mutex::new(Vec::new()),
+                    circuit: Mutex::new(Circuit::default()),
+                    server_params: Mutex::new(Vec::new()),
+                    next_id: self.next_id.clone(),
+                })
+            })
+            .clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    /// Runs pool upkeep every second until the set is dropped.
+    pub fn spawn_maintenance(self: &Arc<Self>) {
+        let weak: Weak<PoolSet> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(set) = weak.upgrade() else { return };
+                for pool in set.all() {
+                    pool.maintain().await;
+                }
+            }
+        });
+    }
+
+    /// Closes every idle connection (on shutdown).
+    pub async fn close_idle(&self) {
+        for pool in self.all() {
+            let conns: Vec<ServerConn> = std::mem::take(&mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
+            for conn in conns {
+                conn.terminate().await;
+            }
+        }
+    }
+}
