@@ -206,9 +206,6 @@ impl Config {
         if self.pool.size == 0 {
             return invalid("pool.size must be at least 1".into());
         }
-        if self.pool.min_idle > self.pool.size {
-            return invalid("pool.min_idle cannot exceed pool.size".into());
-        }
         if self.max_message_size < 1024 {
             return invalid("max_message_size must be at least 1024".into());
         }

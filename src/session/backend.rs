@@ -45,6 +45,9 @@ impl Session {
                         self.out.push(bytes);
                     }
                 }
+                Expect::CopyEnd => {
+                    self.pending.pop_front();
+                }
                 Expect::LocalReady => {
                     self.pending.pop_front();
                     let mut out = BytesMut::new();
@@ -58,6 +61,7 @@ impl Session {
 
     fn on_server_frame(&mut self, frame: Frame) {
         self.drain_local();
+        tracing::trace!(tag = %(frame.tag as char), pending = ?self.pending, "server frame");
         match frame.tag {
             msg::PARSE_COMPLETE => {
                 if let Some(Expect::Parse { shown, .. }) = self.pending.front() {
@@ -86,6 +90,7 @@ impl Session {
                     self.pending.pop_front();
                 }
             }
+            msg::COPY_IN | msg::COPY_BOTH => self.on_copy_in_started(),
             msg::ERROR_RESPONSE => self.on_server_error(&frame),
             msg::READY_FOR_QUERY => {
                 while let Some(expect) = self.pending.pop_front() {
@@ -112,10 +117,32 @@ impl Session {
         self.out.push(frame.raw);
     }
 
+    /// Syncs the client sent after the statement that started this COPY
+    /// and before its end will be ignored by Postgres: no ReadyForQuery is
+    /// owed for them.
+    fn on_copy_in_started(&mut self) {
+        let mut i = 1;
+        while i < self.pending.len() {
+            match self.pending[i] {
+                Expect::Sync => {
+                    self.pending.remove(i);
+                }
+                Expect::CopyEnd => {
+                    self.pending.remove(i);
+                    return;
+                }
+                _ => i += 1,
+            }
+        }
+        self.copy_in = true;
+    }
+
     /// After an error Postgres skips every message up to Sync; so does the
     /// queue, undoing what those messages would have done.
     fn on_server_error(&mut self, frame: &Frame) {
         self.after_batch.error_seen = true;
+        // An error ends a COPY FROM STDIN on the server's side.
+        self.copy_in = false;
         if tracing::enabled!(tracing::Level::DEBUG) {
             let (code, message) = msg::error_fields(frame.body());
             tracing::debug!(code, message, "server error");

@@ -82,6 +82,16 @@ impl Session {
                     self.server_out.extend_from_slice(&frame.raw);
                 }
             }
+            msg::COPY_DONE | msg::COPY_FAIL => {
+                if self.server.is_some() {
+                    self.server_out.unsplit(frame.raw);
+                    if self.copy_in {
+                        self.copy_in = false;
+                    } else {
+                        self.pending.push_back(Expect::CopyEnd);
+                    }
+                }
+            }
             // COPY data outside a COPY is ignored by Postgres as well.
             _ => {
                 if self.server.is_some() {
@@ -313,7 +323,9 @@ impl Session {
             return;
         }
         self.server_out.unsplit(frame.raw);
-        self.pending.push_back(Expect::Sync);
+        if !self.copy_in {
+            self.pending.push_back(Expect::Sync);
+        }
     }
 }
 

@@ -66,6 +66,10 @@ enum Expect {
     Local(BytesMut),
     /// A ReadyForQuery pgstash answers itself with the status current then.
     LocalReady,
+    /// Where the client ended a COPY; no response of its own. Syncs sent
+    /// between the start of a COPY FROM STDIN and its end are ignored by
+    /// Postgres, and this marks where that stretch ends.
+    CopyEnd,
 }
 
 impl Expect {
@@ -126,6 +130,9 @@ pub struct Session {
     cancel_key: (i32, i32),
     cancel_slot: CancelSlot,
     stop_requested: bool,
+    /// The server is in COPY FROM STDIN and ignores Sync until the client
+    /// sends CopyDone or CopyFail.
+    copy_in: bool,
 }
 
 /// Serves one client connection from accept to close.

@@ -175,6 +175,7 @@ async fn start_session(
         cancel_key,
         cancel_slot,
         stop_requested: false,
+        copy_in: false,
     };
     if mode == PoolMode::Session {
         *session.cancel_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(super::cancel::ServerCancel {

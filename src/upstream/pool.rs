@@ -176,7 +176,7 @@ impl Pool {
         let now = Instant::now();
         let expired: Vec<ServerConn> = {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let min_idle = self.settings.min_idle;
+            let min_idle = self.settings.min_idle.min(self.size);
             let mut keep = Vec::with_capacity(idle.len());
             let mut expired = Vec::new();
             // The stack's bottom holds the least recently used connections.
@@ -196,7 +196,7 @@ impl Pool {
             conn.terminate().await;
         }
         let idle_count = self.idle.lock().unwrap_or_else(|e| e.into_inner()).len();
-        if idle_count < self.settings.min_idle && self.check_circuit().is_ok() {
+        if idle_count < self.settings.min_idle.min(self.size) && self.check_circuit().is_ok() {
             if let Ok(permit) = self.permits.clone().try_acquire_owned() {
                 if let Ok(conn) = self.connect_with_backoff(Instant::now() + self.connect_timeout).await {
                     drop(self.lend(conn, permit));
