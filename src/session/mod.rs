@@ -19,7 +19,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -173,6 +172,10 @@ impl Session {
     }
 
     async fn serve_loop(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), SessionError> {
+        // A client may send its first queries together with its startup.
+        if !self.client_buf.is_empty() && self.on_client_input().await? == Flow::Stop {
+            return Ok(());
+        }
         loop {
             if self.stop_requested && self.is_between_transactions() {
                 let mut out = BytesMut::new();
@@ -187,11 +190,22 @@ impl Session {
                 return Ok(());
             }
             tokio::select! {
-                read = self.client.read_buf(&mut self.client_buf) => {
-                    if read? == 0 {
-                        return Ok(());
+                ready = self.client.readable() => {
+                    ready?;
+                    // The buffer is only allocated once there is something
+                    // to read, so an idle client holds no buffer at all.
+                    crate::upstream::connection::reserve_for_read(&mut self.client_buf);
+                    match self.client.try_read_buf(&mut self.client_buf) {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e.into()),
                     }
-                    if self.on_client_input().await? == Flow::Stop {
+                    let flow = self.on_client_input().await?;
+                    if self.client_buf.is_empty() {
+                        self.client_buf = BytesMut::new();
+                    }
+                    if flow == Flow::Stop {
                         return Ok(());
                     }
                 }

@@ -189,6 +189,7 @@ async fn start_session(
     }
     session.out.push(out);
     if let Err(e) = session.out.flush_to(&mut session.client).await {
+        proxy.cancels.unregister(session.cancel_key);
         return Err((session.client, StartupFailure::Io(e)));
     }
     Ok(session)

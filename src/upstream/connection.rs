@@ -252,6 +252,7 @@ impl ServerConn {
             if let Some(frame) = self.next_buffered_frame()? {
                 return Ok(frame);
             }
+            reserve_for_read(&mut self.read_buf);
             if self.stream.read_buf(&mut self.read_buf).await? == 0 {
                 return Err(UpstreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
@@ -265,6 +266,7 @@ impl ServerConn {
 
     /// Reads whatever the server has sent into the frame buffer.
     pub async fn read_more(&mut self) -> std::io::Result<usize> {
+        reserve_for_read(&mut self.read_buf);
         self.stream.read_buf(&mut self.read_buf).await
     }
 
@@ -274,6 +276,7 @@ impl ServerConn {
     /// buffers; a server blocked on writing to us stops reading, and a
     /// plain write would then wait forever.
     pub async fn write_while_reading(&mut self, data: &[u8]) -> Result<(), UpstreamError> {
+        reserve_for_read(&mut self.read_buf);
         let (mut reader, mut writer) = self.stream.split();
         let mut written = 0;
         while written < data.len() {
@@ -286,7 +289,7 @@ impl ServerConn {
                     }
                     written += n;
                 }
-                n = reader.read_buf(&mut self.read_buf) => {
+                n = reader.read_buf(&mut self.read_buf), if self.read_buf.capacity() > self.read_buf.len() => {
                     if n? == 0 {
                         return Err(UpstreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));
                     }
@@ -333,6 +336,15 @@ impl ServerConn {
         let mut out = BytesMut::new();
         frontend::terminate(&mut out);
         let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.write_all(&out)).await;
+    }
+}
+
+/// Room for one sizeable read. A full BytesMut would otherwise be grown
+/// 64 bytes at a time, one syscall each.
+pub fn reserve_for_read(buf: &mut BytesMut) {
+    const READ_CHUNK: usize = 16 * 1024;
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
     }
 }
 
