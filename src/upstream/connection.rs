@@ -327,6 +327,14 @@ impl ServerConn {
         }
     }
 
+    /// Whether an idle connection is still open, without a round trip: an
+    /// idle server sends nothing, so anything readable (an EOF, or the
+    /// FATAL Postgres sends when it shuts down) means it is gone.
+    pub fn is_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
     /// Checks that an idle connection still answers.
     pub async fn ping(&mut self) -> bool {
         matches!(self.run_internal(";").await, Ok(r) if r.error.is_none()) && !self.broken

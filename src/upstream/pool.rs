@@ -76,6 +76,9 @@ impl Pool {
                 tokio::spawn(conn.terminate());
                 continue;
             }
+            if !conn.is_open() {
+                continue;
+            }
             if conn.last_used.elapsed() >= self.settings.server_check_delay && !conn.ping().await {
                 continue;
             }
