@@ -328,3 +328,80 @@ async fn close_and_deallocate_are_understood() {
     let v: i32 = client.query_one(&again, &[]).await.unwrap().get(0);
     assert_eq!(v, 12);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limited_execute_suspends_the_portal() {
+    let proxy = TestProxy::start("").await;
+    let mut client = proxy.connect("test").await;
+    let tx = client.transaction().await.unwrap();
+    let stmt = tx.prepare("SELECT g FROM generate_series(1, 10) g").await.unwrap();
+    let portal = tx.bind(&stmt, &[]).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let rows = tx.query_portal(&portal, 3).await.unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        seen.extend(rows.iter().map(|r| r.get::<_, i32>(0)));
+    }
+    assert_eq!(seen, (1..=10).collect::<Vec<_>>());
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_pins_and_notifications_arrive() {
+    let proxy = TestProxy::start("[pool]\nsize = 2\n").await;
+    let channel = unique("chan");
+    let (client, mut connection) = tokio_postgres::connect(&proxy.conn_str("test"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = Box::pin(futures_util::stream::poll_fn(move |cx| connection.poll_message(cx)));
+        while let Some(Ok(message)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {channel}")).await.unwrap();
+    let other = proxy.connect("test").await;
+    other
+        .batch_execute(&format!("NOTIFY {channel}, 'ping'"))
+        .await
+        .unwrap();
+    let payload = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+        .await
+        .expect("notification within 5 s");
+    assert_eq!(payload.as_deref(), Some("ping"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_the_running_query() {
+    let proxy = TestProxy::start("").await;
+    let client = proxy.connect("test").await;
+    let token = client.cancel_token();
+    let started = std::time::Instant::now();
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(10)").await });
+    // Cancel once the query is running upstream, i.e. visible in pg_stat_activity.
+    let observer = support::direct("test").await;
+    loop {
+        let running: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(10)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running > 0 {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "query never started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = sleeper.await.unwrap().unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "57014");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
