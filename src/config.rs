@@ -185,7 +185,8 @@ impl Config {
     }
 
     pub fn from_toml_and_env(text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for (name, value) in env {
             if let Some(path) = name.strip_prefix("PGSTASH_") {
                 apply_override(&mut table, path, value);
@@ -221,9 +222,12 @@ impl Config {
 
     /// Applies `--upstream postgres://[user[:password]@]host:port[/database]`.
     pub fn apply_upstream_url(&mut self, url: &str) -> Result<(), ConfigError> {
-        let parsed = url::Url::parse(url).map_err(|e| ConfigError::Invalid(format!("--upstream: {e}")))?;
+        let parsed =
+            url::Url::parse(url).map_err(|e| ConfigError::Invalid(format!("--upstream: {e}")))?;
         if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-            return Err(ConfigError::Invalid("--upstream must be a postgres:// URL".into()));
+            return Err(ConfigError::Invalid(
+                "--upstream must be a postgres:// URL".into(),
+            ));
         }
         self.upstream.host = parsed
             .host_str()
@@ -246,13 +250,17 @@ impl Config {
     pub fn target(&self, database: &str, user: &str) -> Option<Target> {
         let (host, port, dbname) = match self.databases.get(database) {
             Some(db) => (
-                db.host.clone().unwrap_or_else(|| self.upstream.host.clone()),
+                db.host
+                    .clone()
+                    .unwrap_or_else(|| self.upstream.host.clone()),
                 db.port.unwrap_or(self.upstream.port),
                 db.dbname.clone().unwrap_or_else(|| database.to_owned()),
             ),
-            None if !self.upstream.host.is_empty() => {
-                (self.upstream.host.clone(), self.upstream.port, database.to_owned())
-            }
+            None if !self.upstream.host.is_empty() => (
+                self.upstream.host.clone(),
+                self.upstream.port,
+                database.to_owned(),
+            ),
             None => return None,
         };
         Some(Target {
@@ -312,7 +320,9 @@ fn apply_override(table: &mut toml::Table, path: &str, value: &str) {
         let entry = current
             .entry(part.to_owned())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let toml::Value::Table(next) = entry else { return };
+        let toml::Value::Table(next) = entry else {
+            return;
+        };
         current = next;
     }
     current.insert(last.to_owned(), parse_env_value(value));
@@ -339,7 +349,8 @@ mod tests {
             ("PGSTASH_POOL__IDLE_TIMEOUT".to_string(), "5s".to_string()),
             ("PGSTASH_LISTEN".to_string(), "127.0.0.1:7000".to_string()),
         ];
-        let config = Config::from_toml_and_env("[pool]\nsize = 3\nmode = \"session\"\n", &env).unwrap();
+        let config =
+            Config::from_toml_and_env("[pool]\nsize = 3\nmode = \"session\"\n", &env).unwrap();
         assert_eq!(config.pool.size, 7);
         assert_eq!(config.pool.idle_timeout, Duration::from_secs(5));
         assert_eq!(config.pool.mode, PoolMode::Session);
@@ -349,7 +360,9 @@ mod tests {
     #[test]
     fn upstream_url_fills_pass_through() {
         let mut config = Config::default();
-        config.apply_upstream_url("postgres://bob:s%40cret@db.local:5433").unwrap();
+        config
+            .apply_upstream_url("postgres://bob:s%40cret@db.local:5433")
+            .unwrap();
         let target = config.target("anydb", "carol").unwrap();
         assert_eq!((target.host.as_str(), target.port), ("db.local", 5433));
         assert_eq!(target.database, "anydb");

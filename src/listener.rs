@@ -59,15 +59,18 @@ impl Drop for ClientGuard {
 
 /// Binds the configured address.
 pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
-    let addr: SocketAddr = config
-        .listen
-        .parse()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("listen: {e}")))?;
+    let addr: SocketAddr = config.listen.parse().map_err(|e| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("listen: {e}"))
+    })?;
     TcpListener::bind(addr).await
 }
 
 /// Serves clients until `shutdown` resolves, then drains.
-pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn run(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     proxy.pools.spawn_maintenance();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sessions = JoinSet::new();
@@ -107,7 +110,10 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl std::f
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(clients = sessions.len(), "shutdown deadline reached; closing remaining clients");
+        tracing::warn!(
+            clients = sessions.len(),
+            "shutdown deadline reached; closing remaining clients"
+        );
         sessions.abort_all();
         while sessions.join_next().await.is_some() {}
     }

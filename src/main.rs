@@ -8,7 +8,11 @@ use pgstash::config::Config;
 use pgstash::listener::{self, Proxy};
 
 #[derive(Parser)]
-#[command(name = "pgstash", version, about = "A caching, pooling sidecar proxy for PostgreSQL")]
+#[command(
+    name = "pgstash",
+    version,
+    about = "A caching, pooling sidecar proxy for PostgreSQL"
+)]
 struct Cli {
     /// Configuration file (see the shipped proxy.toml).
     #[arg(long, global = true, env = "PGSTASH_CONFIG")]
@@ -47,7 +51,9 @@ fn load(cli: &Cli) -> Result<Config, String> {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGSTASH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if config.log_format == "json" {
         builder.json().init();
     } else {
@@ -57,7 +63,10 @@ fn init_logging(config: &Config) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -81,7 +90,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgstash: cannot start runtime: {e}");

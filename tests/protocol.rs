@@ -19,13 +19,20 @@ async fn simple_and_extended_queries() {
     let values: Vec<Option<String>> = rows
         .iter()
         .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect::<Vec<_>>()),
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).map(str::to_owned))
+                    .collect::<Vec<_>>(),
+            ),
             _ => None,
         })
         .flatten()
         .collect();
     assert_eq!(values, vec![Some("1".into()), Some("x".into()), None]);
-    let row = client.query_one("SELECT $1::int + 1, $2::text", &[&41i32, &"hi"]).await.unwrap();
+    let row = client
+        .query_one("SELECT $1::int + 1, $2::text", &[&41i32, &"hi"])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, i32>(0), 42);
     assert_eq!(row.get::<_, &str>(1), "hi");
 }
@@ -72,7 +79,10 @@ async fn prepared_statements_survive_transaction_pooling() {
         .unwrap()
         .get(0);
     assert_eq!(count, 500);
-    setup.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
+    setup
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,12 +193,17 @@ async fn copy_failure_leaves_the_connection_usable() {
         .await
         .unwrap();
     pin_mut!(sink);
-    sink.send(bytes::Bytes::from_static(b"not a number\n")).await.unwrap();
+    sink.send(bytes::Bytes::from_static(b"not a number\n"))
+        .await
+        .unwrap();
     let err = sink.finish().await.unwrap_err();
     assert_eq!(err.code().unwrap().code(), "22P02");
     let row = client.query_one("SELECT 7", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 7);
-    client.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
+    client
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +214,13 @@ async fn large_values_wide_rows_nulls_and_binary_formats() {
     let row = client.query_one("SELECT $1::bytea", &[&big]).await.unwrap();
     assert_eq!(row.get::<_, Vec<u8>>(0), big);
     let columns: Vec<String> = (0..500)
-        .map(|i| if i % 3 == 0 { format!("NULL::int AS c{i}") } else { format!("{i} AS c{i}") })
+        .map(|i| {
+            if i % 3 == 0 {
+                format!("NULL::int AS c{i}")
+            } else {
+                format!("{i} AS c{i}")
+            }
+        })
         .collect();
     let row = client
         .query_one(&format!("SELECT {}", columns.join(", ")), &[])
@@ -210,7 +231,10 @@ async fn large_values_wide_rows_nulls_and_binary_formats() {
     assert_eq!(row.get::<_, Option<i32>>(499), Some(499));
     // tokio-postgres asks for binary results; check a few types survive.
     let stmt = client
-        .prepare_typed("SELECT $1::float8, $2::timestamptz, $3::numeric::text", &[Type::FLOAT8, Type::TIMESTAMPTZ, Type::NUMERIC])
+        .prepare_typed(
+            "SELECT $1::float8, $2::timestamptz, $3::numeric::text",
+            &[Type::FLOAT8, Type::TIMESTAMPTZ, Type::NUMERIC],
+        )
         .await;
     assert!(stmt.is_ok());
     let row = client
@@ -259,21 +283,47 @@ async fn session_settings_follow_the_client_across_servers() {
     b.batch_execute("SET myapp.tenant = 'b'").await.unwrap();
     // Interleave many short transactions so each client hops servers.
     for _ in 0..20 {
-        let ta: String = a.query_one("SELECT current_setting('myapp.tenant')", &[]).await.unwrap().get(0);
-        let tb: String = b.query_one("SELECT current_setting('myapp.tenant')", &[]).await.unwrap().get(0);
+        let ta: String = a
+            .query_one("SELECT current_setting('myapp.tenant')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let tb: String = b
+            .query_one("SELECT current_setting('myapp.tenant')", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!((ta.as_str(), tb.as_str()), ("a", "b"));
-        let st: String = b.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+        let st: String = b
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(st, "0");
     }
-    let st: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    let st: String = a
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(st, "1234ms");
     // RESET goes back to the startup value, not the server default.
-    a.batch_execute("SET application_name = 'changed'").await.unwrap();
+    a.batch_execute("SET application_name = 'changed'")
+        .await
+        .unwrap();
     a.batch_execute("RESET application_name").await.unwrap();
-    let name: String = a.query_one("SHOW application_name", &[]).await.unwrap().get(0);
+    let name: String = a
+        .query_one("SHOW application_name", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(name, "pgstash-test");
     a.batch_execute("RESET ALL").await.unwrap();
-    let st: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    let st: String = a
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(st, "0");
 }
 
@@ -282,33 +332,56 @@ async fn transactions_keep_their_server_and_disconnects_roll_back() {
     let proxy = TestProxy::start("[pool]\nsize = 1\n").await;
     let table = unique("tx");
     let a = proxy.connect("test").await;
-    a.batch_execute(&format!("CREATE TABLE {table} (id int)")).await.unwrap();
-    a.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1)")).await.unwrap();
-    let seen: i64 = a.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get(0);
+    a.batch_execute(&format!("CREATE TABLE {table} (id int)"))
+        .await
+        .unwrap();
+    a.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1)"))
+        .await
+        .unwrap();
+    let seen: i64 = a
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(seen, 1);
     drop(a); // disconnect mid-transaction
-    // With one server connection, the next client gets the same server; it
-    // must have been rolled back.
+             // With one server connection, the next client gets the same server; it
+             // must have been rolled back.
     let b = proxy.connect("test").await;
-    let seen: i64 = b.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get(0);
+    let seen: i64 = b
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(seen, 0);
-    let status: String = b.query_one("SELECT current_setting('transaction_isolation')", &[]).await.unwrap().get(0);
+    let status: String = b
+        .query_one("SELECT current_setting('transaction_isolation')", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(status, "read committed");
-    b.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
+    b.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn temp_tables_pin_the_client() {
     let proxy = TestProxy::start("[pool]\nsize = 3\n").await;
     let a = proxy.connect("test").await;
-    let others: Vec<_> = futures_util::future::join_all((0..3).map(|_| proxy.connect("test"))).await;
+    let others: Vec<_> =
+        futures_util::future::join_all((0..3).map(|_| proxy.connect("test"))).await;
     a.batch_execute("CREATE TEMP TABLE scratch (v int); INSERT INTO scratch VALUES (5)")
         .await
         .unwrap();
     for other in &others {
         other.query_one("SELECT 1", &[]).await.unwrap();
     }
-    let v: i32 = a.query_one("SELECT v FROM scratch", &[]).await.unwrap().get(0);
+    let v: i32 = a
+        .query_one("SELECT v FROM scratch", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(v, 5);
 }
 
@@ -334,7 +407,10 @@ async fn row_limited_execute_suspends_the_portal() {
     let proxy = TestProxy::start("").await;
     let mut client = proxy.connect("test").await;
     let tx = client.transaction().await.unwrap();
-    let stmt = tx.prepare("SELECT g FROM generate_series(1, 10) g").await.unwrap();
+    let stmt = tx
+        .prepare("SELECT g FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
     let portal = tx.bind(&stmt, &[]).await.unwrap();
     let mut seen = Vec::new();
     loop {
@@ -352,19 +428,25 @@ async fn row_limited_execute_suspends_the_portal() {
 async fn listen_pins_and_notifications_arrive() {
     let proxy = TestProxy::start("[pool]\nsize = 2\n").await;
     let channel = unique("chan");
-    let (client, mut connection) = tokio_postgres::connect(&proxy.conn_str("test"), tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (client, mut connection) =
+        tokio_postgres::connect(&proxy.conn_str("test"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut stream = Box::pin(futures_util::stream::poll_fn(move |cx| connection.poll_message(cx)));
+        let mut stream = Box::pin(futures_util::stream::poll_fn(move |cx| {
+            connection.poll_message(cx)
+        }));
         while let Some(Ok(message)) = stream.next().await {
             if let tokio_postgres::AsyncMessage::Notification(n) = message {
                 let _ = tx.send(n.payload().to_owned());
             }
         }
     });
-    client.batch_execute(&format!("LISTEN {channel}")).await.unwrap();
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .unwrap();
     let other = proxy.connect("test").await;
     other
         .batch_execute(&format!("NOTIFY {channel}, 'ping'"))
@@ -397,7 +479,10 @@ async fn cancel_reaches_the_running_query() {
         if running > 0 {
             break;
         }
-        assert!(started.elapsed() < std::time::Duration::from_secs(5), "query never started");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "query never started"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();

@@ -103,7 +103,10 @@ mod tests {
     #[test]
     fn rejects_lying_and_oversized_lengths() {
         let mut buf = BytesMut::from(&b"Q\0\0\0\x02"[..]);
-        assert!(matches!(split_frame(&mut buf, 1024), Err(FrameError::BadLength(2))));
+        assert!(matches!(
+            split_frame(&mut buf, 1024),
+            Err(FrameError::BadLength(2))
+        ));
         let mut buf = BytesMut::from(&b"Q\x7f\xff\xff\xff"[..]);
         assert!(matches!(
             split_frame(&mut buf, 1024),

@@ -101,7 +101,10 @@ pub fn ready_for_query(out: &mut BytesMut, status: u8) {
 }
 
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
-    encode(out, &ParameterStatus::new(name.to_owned(), value.to_owned()));
+    encode(
+        out,
+        &ParameterStatus::new(name.to_owned(), value.to_owned()),
+    );
 }
 
 pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {

@@ -9,12 +9,8 @@ use crate::protocol::messages as msg;
 
 impl Session {
     pub(super) async fn on_server_input(&mut self) -> Result<(), SessionError> {
-        loop {
-            let next = match self.server.as_mut() {
-                Some(server) => server.next_buffered_frame(),
-                None => break,
-            };
-            match next {
+        while let Some(server) = self.server.as_mut() {
+            match server.next_buffered_frame() {
                 Ok(Some(frame)) => self.on_server_frame(frame),
                 Ok(None) => break,
                 Err(e) => {

@@ -38,7 +38,10 @@ impl CancelRegistry {
     }
 
     pub fn unregister(&self, key: (i32, i32)) {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
     }
 
     /// Relays a cancel; a wrong key or an idle client cancels nothing.

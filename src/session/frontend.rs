@@ -147,7 +147,9 @@ impl Session {
     }
 
     async fn on_query(&mut self, frame: Frame) -> Result<(), SessionError> {
-        let effects = msg::query_text(frame.body()).map(session_effects).unwrap_or_default();
+        let effects = msg::query_text(frame.body())
+            .map(session_effects)
+            .unwrap_or_default();
         if let Some(target) = &effects.deallocate {
             if self.deallocate_locally(target.as_deref()) {
                 return Ok(());
@@ -189,7 +191,9 @@ impl Session {
         let Some(parse) = Parse::decode(frame.body()) else {
             return Err(SessionError::Protocol("malformed Parse message".into()));
         };
-        let effects = std::str::from_utf8(parse.query).map(session_effects).unwrap_or_default();
+        let effects = std::str::from_utf8(parse.query)
+            .map(session_effects)
+            .unwrap_or_default();
         if parse.name.is_empty() {
             self.apply_effects(&effects);
             self.forward(
@@ -206,7 +210,10 @@ impl Session {
         }
         if self.statements.contains_key(parse.name) {
             let name = String::from_utf8_lossy(parse.name).into_owned();
-            self.push_error("42P05", &format!("prepared statement \"{name}\" already exists"));
+            self.push_error(
+                "42P05",
+                &format!("prepared statement \"{name}\" already exists"),
+            );
             self.discard_until_sync = true;
             return Ok(());
         }
@@ -222,9 +229,12 @@ impl Session {
         if !self.attach_or_fail(true).await {
             return Ok(());
         }
-        self.statements.insert(parse.name.to_vec(), statement.clone());
+        self.statements
+            .insert(parse.name.to_vec(), statement.clone());
         let client_name = Some(parse.name.to_vec());
-        let Some(server) = self.server.as_mut() else { return Ok(()) };
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
         if server.prepared.contains(&id) {
             let mut out = BytesMut::new();
             msg::empty_message(&mut out, msg::PARSE_COMPLETE);
@@ -244,7 +254,9 @@ impl Session {
     /// Makes sure the attached server has `statement`, preparing it there
     /// (silently) if this client landed on a server that never saw it.
     fn ensure_prepared(&mut self, statement: &Statement) {
-        let Some(server) = self.server.as_mut() else { return };
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
         if server.prepared.insert(statement.id) {
             let parse = Parse {
                 name: &statement.server_name,

@@ -135,7 +135,12 @@ pub struct Session {
 }
 
 /// Serves one client connection from accept to close.
-pub async fn run(stream: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>, shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    shutdown: watch::Receiver<bool>,
+) {
     let id = proxy.next_client_id();
     let span = tracing::info_span!("client", id, %peer);
     async move {
@@ -171,7 +176,10 @@ impl Session {
         self.finish().await;
     }
 
-    async fn serve_loop(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), SessionError> {
+    async fn serve_loop(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
         // A client may send its first queries together with its startup.
         if !self.client_buf.is_empty() && self.on_client_input().await? == Flow::Stop {
             return Ok(());
@@ -324,7 +332,9 @@ impl Session {
         }
         if !server.broken {
             settings::read_back(server, &mut self.settings).await?;
-            if let Some((code, message)) = settings::apply(server, self.id, &mut self.settings).await? {
+            if let Some((code, message)) =
+                settings::apply(server, self.id, &mut self.settings).await?
+            {
                 tracing::warn!(code, message, "restoring client settings failed");
             }
         }
@@ -333,7 +343,9 @@ impl Session {
             if keep {
                 // The server this client relied on is gone; so is its
                 // session state, which the client cannot get back.
-                return Err(SessionError::Protocol("server session state was lost".into()));
+                return Err(SessionError::Protocol(
+                    "server session state was lost".into(),
+                ));
             }
             self.detach();
         }
@@ -347,13 +359,19 @@ impl Session {
             server.broken = true;
         }
         self.detach();
-        let keeps_state = self.mode == PoolMode::Session || self.pinned.is_some() || self.tx_status != b'I';
+        let keeps_state =
+            self.mode == PoolMode::Session || self.pinned.is_some() || self.tx_status != b'I';
         if keeps_state {
             // The client's transaction or session state is gone with the
             // server; carrying on would run its next statements outside the
             // transaction it thinks it is in.
             let mut out = BytesMut::new();
-            msg::error_response(&mut out, Severity::Fatal, "08006", &format!("pgstash: {error}"));
+            msg::error_response(
+                &mut out,
+                Severity::Fatal,
+                "08006",
+                &format!("pgstash: {error}"),
+            );
             self.out.push(out);
             self.out.flush_to(&mut self.client).await?;
             return Err(SessionError::Upstream(error));

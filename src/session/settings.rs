@@ -105,7 +105,10 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
             word.strip_prefix("-c")
         };
         if let Some((name, value)) = assignment.and_then(|a| a.split_once('=')) {
-            out.push((name.to_ascii_lowercase().replace('-', "_"), value.to_owned()));
+            out.push((
+                name.to_ascii_lowercase().replace('-', "_"),
+                value.to_owned(),
+            ));
         }
     }
     out

@@ -37,7 +37,11 @@ fn refused(code: &str, message: impl Into<String>) -> StartupFailure {
 
 /// Runs the startup phase. `Ok(None)`: the connection had no session to
 /// serve (a cancel request, or a client that went away).
-pub async fn accept(mut stream: TcpStream, id: u64, proxy: Arc<Proxy>) -> Result<Option<Session>, StartupFailure> {
+pub async fn accept(
+    mut stream: TcpStream,
+    id: u64,
+    proxy: Arc<Proxy>,
+) -> Result<Option<Session>, StartupFailure> {
     let _ = stream.set_nodelay(true);
     let config = proxy.config();
     let deadline = config.startup_timeout;
@@ -73,7 +77,10 @@ pub async fn accept(mut stream: TcpStream, id: u64, proxy: Arc<Proxy>) -> Result
     }
 }
 
-async fn read_startup(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Option<StartupPacket>, StartupFailure> {
+async fn read_startup(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Option<StartupPacket>, StartupFailure> {
     loop {
         match split_startup(buf) {
             Ok(Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest)) => {
@@ -110,17 +117,32 @@ async fn start_session(
 ) -> Result<Session, (TcpStream, StartupFailure)> {
     let config = proxy.config();
     let Some(user) = params.get("user").cloned() else {
-        return Err((stream, refused("28000", "no PostgreSQL user name specified in startup packet")));
+        return Err((
+            stream,
+            refused(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            ),
+        ));
     };
-    let database = params.get("database").cloned().unwrap_or_else(|| user.clone());
+    let database = params
+        .get("database")
+        .cloned()
+        .unwrap_or_else(|| user.clone());
     if params.contains_key("replication") {
-        return Err((stream, refused("0A000", "pgstash does not support replication connections")));
+        return Err((
+            stream,
+            refused("0A000", "pgstash does not support replication connections"),
+        ));
     }
     if proxy.client_count() > config.max_client_conn {
         return Err((stream, refused("53300", "sorry, too many clients already")));
     }
     let Some(target) = config.target(&database, &user) else {
-        return Err((stream, refused("3D000", format!("database \"{database}\" does not exist"))));
+        return Err((
+            stream,
+            refused("3D000", format!("database \"{database}\" does not exist")),
+        ));
     };
     let mut out = BytesMut::new();
     match auth::authenticate(&database, &user, &mut out) {
@@ -148,7 +170,9 @@ async fn start_session(
         .map(|(k, v)| (k.clone(), v))
         .collect();
     for (name, value) in &server.startup_params {
-        let value = reported.get(&name.to_ascii_lowercase()).map_or(value.as_str(), |v| v.as_str());
+        let value = reported
+            .get(&name.to_ascii_lowercase())
+            .map_or(value.as_str(), |v| v.as_str());
         msg::parameter_status(&mut out, name, value);
     }
     let (cancel_key, cancel_slot) = proxy.cancels.register();
@@ -178,7 +202,10 @@ async fn start_session(
         copy_in: false,
     };
     if mode == PoolMode::Session {
-        *session.cancel_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(super::cancel::ServerCancel {
+        *session
+            .cancel_slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(super::cancel::ServerCancel {
             addr: server.cancel_addr.clone(),
             pid: server.cancel_key.0,
             secret: server.cancel_key.1,

@@ -35,7 +35,14 @@ impl SessionEffects {
 }
 
 const LEADING_KEYWORDS: [&str; 8] = [
-    "set", "reset", "discard", "listen", "prepare", "declare", "create", "deallocate",
+    "set",
+    "reset",
+    "discard",
+    "listen",
+    "prepare",
+    "declare",
+    "create",
+    "deallocate",
 ];
 
 /// Returns the effects of `sql`, one or many statements.
@@ -81,7 +88,10 @@ fn may_have_effects(sql: &str) -> bool {
                 continue;
             }
             if bytes[i..].starts_with(b"--") {
-                i = bytes[i..].iter().position(|&c| c == b'\n').map_or(bytes.len(), |p| i + p);
+                i = bytes[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(bytes.len(), |p| i + p);
                 continue;
             }
             if bytes[i..].starts_with(b"/*") {
@@ -93,7 +103,10 @@ fn may_have_effects(sql: &str) -> bool {
                 .position(|c| !c.is_ascii_alphabetic())
                 .map_or(bytes.len(), |p| i + p);
             let word = &bytes[i..end];
-            if LEADING_KEYWORDS.iter().any(|k| word.eq_ignore_ascii_case(k.as_bytes())) {
+            if LEADING_KEYWORDS
+                .iter()
+                .any(|k| word.eq_ignore_ascii_case(k.as_bytes()))
+            {
                 return true;
             }
             at_statement_start = false;
@@ -113,7 +126,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 fn word(token: Option<&Token>) -> Option<&Word> {
@@ -156,7 +171,9 @@ fn statement_effects(t: &[Token], single: bool, effects: &mut SessionEffects) {
         if is_kw(t.get(1), "all") {
             effects.reset_all = true;
         } else if is_kw(t.get(1), "session") && is_kw(t.get(2), "authorization") {
-            effects.reset.extend(["session_authorization".into(), "role".into()]);
+            effects
+                .reset
+                .extend(["session_authorization".into(), "role".into()]);
         } else if is_kw(t.get(1), "time") && is_kw(t.get(2), "zone") {
             effects.reset.push("timezone".into());
         } else if let Some(name) = setting_name(t, 1) {
@@ -212,7 +229,9 @@ fn set_effects(t: &[Token], effects: &mut SessionEffects) {
     }
     if is_kw(t.get(1), "session") {
         if is_kw(t.get(2), "authorization") {
-            effects.set.extend(["session_authorization".into(), "role".into()]);
+            effects
+                .set
+                .extend(["session_authorization".into(), "role".into()]);
             return;
         }
         if is_kw(t.get(2), "characteristics") {
@@ -265,8 +284,14 @@ mod tests {
         let e = session_effects("set search_path to a, b; SET SESSION statement_timeout = 5; SET LOCAL work_mem = '1MB'");
         assert_eq!(e.set, vec!["search_path", "statement_timeout"]);
         assert_eq!(session_effects("SET TIME ZONE 'UTC'").set, vec!["timezone"]);
-        assert_eq!(session_effects("/* c */ set myapp.tenant = '7'").set, vec!["myapp.tenant"]);
-        assert_eq!(session_effects("select set_config('app.user', '1', false)").set, vec!["app.user"]);
+        assert_eq!(
+            session_effects("/* c */ set myapp.tenant = '7'").set,
+            vec!["myapp.tenant"]
+        );
+        assert_eq!(
+            session_effects("select set_config('app.user', '1', false)").set,
+            vec!["app.user"]
+        );
         assert_eq!(session_effects("RESET DateStyle").reset, vec!["datestyle"]);
         assert!(session_effects("reset all").reset_all);
         assert!(session_effects("DISCARD ALL").discard_all);
@@ -275,18 +300,36 @@ mod tests {
     #[test]
     fn pinning_features_are_found() {
         assert_eq!(session_effects("LISTEN chan").pin, Some("LISTEN"));
-        assert_eq!(session_effects("create temp table t (a int)").pin, Some("temporary table"));
-        assert_eq!(session_effects("select pg_advisory_lock(1)").pin, Some("session advisory lock"));
+        assert_eq!(
+            session_effects("create temp table t (a int)").pin,
+            Some("temporary table")
+        );
+        assert_eq!(
+            session_effects("select pg_advisory_lock(1)").pin,
+            Some("session advisory lock")
+        );
         assert_eq!(session_effects("select pg_advisory_xact_lock(1)").pin, None);
-        assert_eq!(session_effects("PREPARE p AS SELECT 1").pin, Some("SQL PREPARE"));
-        assert_eq!(session_effects("declare c cursor with hold for select 1").pin, Some("cursor WITH HOLD"));
+        assert_eq!(
+            session_effects("PREPARE p AS SELECT 1").pin,
+            Some("SQL PREPARE")
+        );
+        assert_eq!(
+            session_effects("declare c cursor with hold for select 1").pin,
+            Some("cursor WITH HOLD")
+        );
         assert_eq!(session_effects("create table t (a int)").pin, None);
     }
 
     #[test]
     fn deallocate_is_recognised_alone() {
-        assert_eq!(session_effects("DEALLOCATE s1").deallocate, Some(Some("s1".into())));
-        assert_eq!(session_effects("deallocate prepare all").deallocate, Some(None));
+        assert_eq!(
+            session_effects("DEALLOCATE s1").deallocate,
+            Some(Some("s1".into()))
+        );
+        assert_eq!(
+            session_effects("deallocate prepare all").deallocate,
+            Some(None)
+        );
         assert_eq!(session_effects("deallocate a; select 1").deallocate, None);
     }
 }

@@ -138,7 +138,11 @@ impl ServerConn {
         Ok(conn)
     }
 
-    async fn startup(&mut self, target: &Target, password: Option<&str>) -> Result<(), UpstreamError> {
+    async fn startup(
+        &mut self,
+        target: &Target,
+        password: Option<&str>,
+    ) -> Result<(), UpstreamError> {
         let mut out = BytesMut::new();
         frontend::startup_message(
             [
@@ -155,19 +159,23 @@ impl ServerConn {
             match message {
                 backend::Message::AuthenticationOk => {}
                 backend::Message::AuthenticationCleartextPassword => {
-                    let pw = password.ok_or_else(|| UpstreamError::NoPassword(target.user.clone()))?;
+                    let pw =
+                        password.ok_or_else(|| UpstreamError::NoPassword(target.user.clone()))?;
                     frontend::password_message(pw.as_bytes(), &mut out)?;
                 }
                 backend::Message::AuthenticationMd5Password(body) => {
-                    let pw = password.ok_or_else(|| UpstreamError::NoPassword(target.user.clone()))?;
+                    let pw =
+                        password.ok_or_else(|| UpstreamError::NoPassword(target.user.clone()))?;
                     let hash = md5_hash(target.user.as_bytes(), pw.as_bytes(), body.salt());
                     frontend::password_message(hash.as_bytes(), &mut out)?;
                 }
                 backend::Message::AuthenticationSasl(body) => {
-                    let pw = password.ok_or_else(|| UpstreamError::NoPassword(target.user.clone()))?;
+                    let pw =
+                        password.ok_or_else(|| UpstreamError::NoPassword(target.user.clone()))?;
                     let mut mechanisms = body.mechanisms();
                     let mut supported = false;
-                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechanisms)? {
+                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechanisms)?
+                    {
                         supported |= m == sasl::SCRAM_SHA_256;
                     }
                     if !supported {
@@ -175,14 +183,19 @@ impl ServerConn {
                             "server offers no SASL mechanism pgstash supports".into(),
                         ));
                     }
-                    let client = sasl::ScramSha256::new(pw.as_bytes(), sasl::ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, client.message(), &mut out)?;
+                    let client =
+                        sasl::ScramSha256::new(pw.as_bytes(), sasl::ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        client.message(),
+                        &mut out,
+                    )?;
                     scram = Some(client);
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {
-                    let client = scram
-                        .as_mut()
-                        .ok_or_else(|| UpstreamError::Protocol("unexpected SASL continue".into()))?;
+                    let client = scram.as_mut().ok_or_else(|| {
+                        UpstreamError::Protocol("unexpected SASL continue".into())
+                    })?;
                     client.update(body.data())?;
                     frontend::sasl_response(client.message(), &mut out)?;
                 }

@@ -170,7 +170,10 @@ impl Pool {
     }
 
     pub fn server_params(&self) -> Vec<(String, String)> {
-        self.server_params.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.server_params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Closes connections idle too long or too old, and tops the pool up to
@@ -185,7 +188,8 @@ impl Pool {
             // The stack's bottom holds the least recently used connections.
             for conn in idle.drain(..) {
                 let too_old = now.duration_since(conn.created) >= self.settings.server_lifetime;
-                let idle_too_long = now.duration_since(conn.last_used) >= self.settings.idle_timeout;
+                let idle_too_long =
+                    now.duration_since(conn.last_used) >= self.settings.idle_timeout;
                 if too_old || (idle_too_long && keep.len() + expired.len() >= min_idle) {
                     expired.push(conn);
                 } else {
@@ -201,7 +205,10 @@ impl Pool {
         let idle_count = self.idle.lock().unwrap_or_else(|e| e.into_inner()).len();
         if idle_count < self.settings.min_idle.min(self.size) && self.check_circuit().is_ok() {
             if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-                if let Ok(conn) = self.connect_with_backoff(Instant::now() + self.connect_timeout).await {
+                if let Ok(conn) = self
+                    .connect_with_backoff(Instant::now() + self.connect_timeout)
+                    .await
+                {
                     drop(self.lend(conn, permit));
                 }
             }
@@ -248,12 +255,18 @@ impl DerefMut for PooledConn {
 
 impl Drop for PooledConn {
     fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else { return };
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
         if conn.broken || !conn.read_buf.is_empty() {
             return;
         }
         conn.last_used = Instant::now();
-        self.pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        self.pool
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
     }
 }
 
@@ -297,7 +310,12 @@ impl PoolSet {
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        self.pools.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Runs pool upkeep every second until the set is dropped.
@@ -318,7 +336,8 @@ impl PoolSet {
     /// Closes every idle connection (on shutdown).
     pub async fn close_idle(&self) {
         for pool in self.all() {
-            let conns: Vec<ServerConn> = std::mem::take(&mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
+            let conns: Vec<ServerConn> =
+                std::mem::take(&mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
             for conn in conns {
                 conn.terminate().await;
             }

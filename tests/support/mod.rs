@@ -34,9 +34,7 @@ pub struct TestProxy {
 impl TestProxy {
     /// Starts pgstash with `extra` TOML appended to a pass-through config.
     pub async fn start(extra: &str) -> TestProxy {
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\n{extra}\n"
-        );
+        let text = format!("listen = \"127.0.0.1:0\"\n{extra}\n");
         let mut config = Config::from_toml_and_env(&text, &[]).expect("test config");
         if config.upstream.host.is_empty() {
             config.upstream.host = pg_host();
