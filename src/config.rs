@@ -40,6 +40,7 @@ pub struct Config {
     pub log_level: String,
     pub upstream: UpstreamConfig,
     pub pool: PoolConfig,
+    pub cache: CacheConfig,
     /// Client database name → upstream database.
     pub databases: BTreeMap<String, DatabaseConfig>,
     /// User name → upstream credentials.
@@ -128,6 +129,7 @@ impl Default for Config {
             log_level: "info".into(),
             upstream: UpstreamConfig::default(),
             pool: PoolConfig::default(),
+            cache: CacheConfig::default(),
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
         }
@@ -161,6 +163,62 @@ impl Default for PoolConfig {
     }
 }
 
+/// The result cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Bytes of results held in the local (in-process) tier.
+    pub capacity_bytes: u64,
+    /// How long an entry may be served; the last safety net for writes that
+    /// bypass pgstash.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Results larger than this are passed through, not stored.
+    pub max_entry_size: usize,
+    /// Statement analyses remembered (by statement shape).
+    pub analysis_capacity: u64,
+    /// How long concurrent misses for one key wait for the first one.
+    #[serde(with = "humantime_serde")]
+    pub single_flight_timeout: Duration,
+    /// User functions to treat as immutable ("schema.name" or "name").
+    pub immutable_functions: Vec<String>,
+    /// Per-database and per-table rules; the first matching rule applies.
+    pub rules: Vec<CacheRule>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheRule {
+    /// Client database name; any if absent.
+    pub database: Option<String>,
+    /// "schema.table" or "table"; any if absent.
+    pub table: Option<String>,
+    /// false: never cache queries that read a matching table.
+    pub cache: Option<bool>,
+    /// TTL for results that read a matching table (the shortest wins).
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+    /// Cache a table with row-level security anyway: only sound when its
+    /// policies depend on nothing but the role (which is part of the key).
+    pub allow_rls: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            capacity_bytes: 256 * 1024 * 1024,
+            default_ttl: Duration::from_secs(60),
+            max_entry_size: 1024 * 1024,
+            analysis_capacity: 10_000,
+            single_flight_timeout: Duration::from_secs(1),
+            immutable_functions: Vec::new(),
+            rules: Vec::new(),
+        }
+    }
+}
+
 /// Where a client's (database, user) pair goes upstream.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
@@ -189,6 +247,10 @@ impl Config {
             toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for (name, value) in env {
             if let Some(path) = name.strip_prefix("PGSTASH_") {
+                // PGSTASH_CONFIG names the file itself.
+                if path == "CONFIG" {
+                    continue;
+                }
                 apply_override(&mut table, path, value);
             }
         }

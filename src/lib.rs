@@ -22,6 +22,7 @@
 //! with nothing else in flight, the connection goes back to the pool.
 
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod listener;
 pub mod protocol;

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::session::{self, cancel::CancelRegistry};
 use crate::upstream::PoolSet;
@@ -20,13 +21,20 @@ pub struct Proxy {
     config: Arc<Config>,
     pub pools: Arc<PoolSet>,
     pub cancels: CancelRegistry,
+    /// The result cache, when enabled.
+    pub cache: Option<Arc<Cache>>,
     clients: AtomicUsize,
     next_client: AtomicU64,
 }
 
 impl Proxy {
     pub fn new(config: Config) -> Arc<Proxy> {
+        let cache = config
+            .cache
+            .enabled
+            .then(|| Arc::new(Cache::new(config.cache.clone())));
         Arc::new(Proxy {
+            cache,
             config: Arc::new(config),
             pools: Arc::new(PoolSet::default()),
             cancels: CancelRegistry::default(),

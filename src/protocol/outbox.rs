@@ -6,19 +6,45 @@
 
 use std::io::IoSlice;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// Bytes to write: frames relayed or composed (mutable, mergeable), or a
+/// stored result shared with the cache.
+enum Chunk {
+    Owned(BytesMut),
+    Shared(Bytes),
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Chunk::Owned(b) => b,
+            Chunk::Shared(b) => b,
+        }
+    }
+}
+
+impl Chunk {
+    fn advance(&mut self, n: usize) {
+        match self {
+            Chunk::Owned(b) => b.advance(n),
+            Chunk::Shared(b) => b.advance(n),
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct Outbox {
-    chunks: Vec<BytesMut>,
+    chunks: Vec<Chunk>,
     len: usize,
 }
 
 impl Outbox {
     pub fn push(&mut self, raw: BytesMut) {
         self.len += raw.len();
-        if let Some(last) = self.chunks.last_mut() {
+        if let Some(Chunk::Owned(last)) = self.chunks.last_mut() {
             // Only contiguous neighbours are merged: `unsplit` of unrelated
             // buffers would silently copy the second one.
             let contiguous = last.as_ptr().wrapping_add(last.len()) == raw.as_ptr();
@@ -27,7 +53,13 @@ impl Outbox {
                 return;
             }
         }
-        self.chunks.push(raw);
+        self.chunks.push(Chunk::Owned(raw));
+    }
+
+    /// Appends shared bytes (a cached result) without copying them.
+    pub fn push_shared(&mut self, bytes: Bytes) {
+        self.len += bytes.len();
+        self.chunks.push(Chunk::Shared(bytes));
     }
 
     /// Appends bytes the proxy composed itself.
@@ -61,7 +93,7 @@ impl Outbox {
             let slices: Vec<IoSlice<'_>> = self.chunks[first..]
                 .iter()
                 .take(64)
-                .map(|c| IoSlice::new(c))
+                .map(|c| IoSlice::new(&c[..]))
                 .collect();
             let mut written = writer.write_vectored(&slices).await?;
             if written == 0 {

@@ -3,7 +3,7 @@
 
 use bytes::BytesMut;
 
-use super::{Expect, Session, SessionError};
+use super::{caching, Expect, Session, SessionError};
 use crate::protocol::frame::Frame;
 use crate::protocol::messages as msg;
 
@@ -58,6 +58,7 @@ impl Session {
     fn on_server_frame(&mut self, frame: Frame) {
         self.drain_local();
         tracing::trace!(tag = %(frame.tag as char), pending = ?self.pending, "server frame");
+        self.capture_for_front(&frame);
         match frame.tag {
             msg::PARSE_COMPLETE => {
                 if let Some(Expect::Parse { shown, .. }) = self.pending.front() {
@@ -82,20 +83,37 @@ impl Session {
                 }
             }
             msg::COMMAND_COMPLETE | msg::EMPTY_QUERY | msg::PORTAL_SUSPENDED => {
-                if matches!(self.pending.front(), Some(Expect::Execute)) {
-                    self.pending.pop_front();
+                if frame.tag == msg::COMMAND_COMPLETE {
+                    self.cache_state.last_rollback = caching::is_rollback_tag(frame.body());
+                }
+                if matches!(self.pending.front(), Some(Expect::Execute { .. })) {
+                    if let Some(Expect::Execute { writes }) = self.pending.pop_front() {
+                        self.record_writes(writes);
+                    }
                 }
             }
             msg::COPY_IN | msg::COPY_BOTH => self.on_copy_in_started(),
             msg::ERROR_RESPONSE => self.on_server_error(&frame),
             msg::READY_FOR_QUERY => {
+                let status = msg::ready_status(&frame.raw);
                 while let Some(expect) = self.pending.pop_front() {
+                    if let Expect::Query { fill, writes } = expect {
+                        self.record_writes(writes);
+                        if let Some(fill) = fill {
+                            if status == b'I' {
+                                self.complete_fill(fill);
+                            }
+                        }
+                        break;
+                    }
                     if expect.is_sync_point() {
                         break;
                     }
                     self.undo(expect);
                 }
-                self.tx_status = msg::ready_status(&frame.raw);
+                self.tx_status = status;
+                // Before the client hears the transaction is over.
+                self.on_transaction_boundary(status);
             }
             msg::PARAMETER_STATUS => {
                 if let Some((name, value)) = msg::parameter_status_fields(frame.body()) {
@@ -111,6 +129,22 @@ impl Session {
             _ => {}
         }
         self.out.push(frame.raw);
+    }
+
+    /// Feeds a frame to the fill of the Query at the front, if any; a frame
+    /// that cannot be replayed from the cache abandons the fill.
+    fn capture_for_front(&mut self, frame: &Frame) {
+        if frame.tag == msg::READY_FOR_QUERY {
+            return;
+        }
+        let max = self.max_entry_size();
+        if let Some(Expect::Query { fill, .. }) = self.pending.front_mut() {
+            if let Some(f) = fill.as_mut() {
+                if !caching::capture(f, frame.tag, &frame.raw, max) {
+                    *fill = None;
+                }
+            }
+        }
     }
 
     /// Syncs the client sent after the statement that started this COPY
@@ -155,6 +189,11 @@ impl Session {
 
     /// A Parse that never completed leaves no statement behind.
     fn undo(&mut self, expect: Expect) {
+        if let Expect::Execute { writes } = expect {
+            // It may have written before it failed; its transaction decides.
+            self.record_writes(writes);
+            return;
+        }
         if let Expect::Parse {
             prepared: Some(id),
             client_name,

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use xxhash_rust::xxh3::Xxh3;
 
+use super::caching::WriteSet;
 use super::{Expect, Flow, Session, SessionError, Statement};
 use crate::config::PoolMode;
 use crate::protocol::frame::{split_frame, Frame};
 use crate::protocol::messages::{self as msg, Bind, Parse, Target};
+use crate::sql::analyze::{Analysis, Class, Reason};
 use crate::sql::session_effects;
 use crate::sql::SessionEffects;
 
@@ -33,6 +35,15 @@ impl Session {
         self.flush_server().await?;
         if !self.out.is_empty() {
             self.out.flush_to(&mut self.client).await?;
+        }
+        if self.server.is_some() && self.pending.is_empty() {
+            // Attached only to load the catalog, then answered locally.
+            if let Err(e) = self.on_batch_end().await {
+                match e {
+                    SessionError::Upstream(u) => self.on_server_lost(u).await?,
+                    other => return Err(other),
+                }
+            }
         }
         Ok(flow)
     }
@@ -75,7 +86,7 @@ impl Session {
             msg::DESCRIBE => self.on_describe(frame).await?,
             msg::CLOSE => self.on_close(frame).await?,
             msg::SYNC => self.on_sync(frame).await,
-            msg::EXECUTE => self.forward(frame, Some(Expect::Execute), true).await,
+            msg::EXECUTE => self.on_execute(frame).await,
             msg::FUNCTION_CALL => self.forward(frame, Some(Expect::FunctionCall), false).await,
             msg::FLUSH => {
                 if self.server.is_some() {
@@ -134,6 +145,13 @@ impl Session {
         if effects.is_empty() {
             return;
         }
+        if effects.pin == Some("temporary table") {
+            // A temporary table can shadow any unqualified name.
+            self.cache_state.unsafe_reason = Some(Reason::TemporaryTable);
+        }
+        if effects.set.iter().any(|s| s == "session_authorization") {
+            self.cache_state.unsafe_reason = Some(Reason::SessionState);
+        }
         self.settings.dirty.extend(effects.set.iter().cloned());
         self.after_batch.reset.extend(effects.reset.iter().cloned());
         self.after_batch.reset_all |= effects.reset_all;
@@ -156,8 +174,55 @@ impl Session {
             }
         }
         self.apply_effects(&effects);
-        self.forward(frame, Some(Expect::Query), false).await;
+        let mut fill = None;
+        let mut writes = None;
+        if let (Some(cache), Some(text)) = (self.proxy.cache.clone(), msg::query_text(frame.body())) {
+            let analysis = cache.analyze(text);
+            self.note_unknown_effects(&analysis);
+            writes = WriteSet::of(&analysis);
+            if writes.is_some() {
+                self.prepare_for_write(&writes).await;
+            } else {
+                match self.simple_query_lookup(text, &analysis).await {
+                    Ok(None) => return Ok(()),
+                    Ok(Some(f)) => fill = Some(f),
+                    Err(reason) => tracing::trace!(outcome = reason.as_str(), "cache bypass"),
+                }
+            }
+        }
+        self.forward(frame, Some(Expect::Query { fill, writes }), false).await;
         Ok(())
+    }
+
+    /// Statements whose effects are unknown may have changed the role or
+    /// search_path inside; read those back before the next cache decision.
+    fn note_unknown_effects(&mut self, analysis: &Analysis) {
+        if analysis.class == Class::Unknown {
+            self.settings.dirty.insert("role".into());
+            self.settings.dirty.insert("search_path".into());
+        }
+    }
+
+    fn analysis_of(&self, text: &[u8]) -> Option<Arc<Analysis>> {
+        let cache = self.proxy.cache.as_ref()?;
+        let analysis = cache.analyze(std::str::from_utf8(text).ok()?);
+        Some(analysis)
+    }
+
+    async fn on_execute(&mut self, frame: Frame) {
+        let writes = if self.proxy.cache.is_some() {
+            let mut body = frame.body();
+            let portal = crate::protocol::frame::get_cstr(&mut body).unwrap_or_default();
+            match self.portal_analysis.get(portal) {
+                Some(analysis) => WriteSet::of(analysis),
+                // Unknown statement (SQL-level PREPARE, say): assume the worst.
+                None => WriteSet::of(&Analysis::unknown()),
+            }
+        } else {
+            None
+        };
+        self.prepare_for_write(&writes).await;
+        self.forward(frame, Some(Expect::Execute { writes }), true).await;
     }
 
     /// `DEALLOCATE name` of a protocol-level statement is pgstash's to
@@ -194,7 +259,12 @@ impl Session {
         let effects = std::str::from_utf8(parse.query)
             .map(session_effects)
             .unwrap_or_default();
+        let analysis = self.analysis_of(parse.query);
+        if let Some(analysis) = &analysis {
+            self.note_unknown_effects(analysis);
+        }
         if parse.name.is_empty() {
+            self.unnamed_analysis = analysis;
             self.apply_effects(&effects);
             self.forward(
                 frame,
@@ -224,6 +294,7 @@ impl Session {
             query: parse.query.to_vec(),
             param_types: parse.param_types.clone(),
             effects,
+            analysis,
         });
         self.apply_effects(&statement.effects);
         if !self.attach_or_fail(true).await {
@@ -277,6 +348,19 @@ impl Session {
             return Err(SessionError::Protocol("malformed Bind message".into()));
         };
         let statement = self.statements.get(bind.statement).cloned();
+        let analysis = match &statement {
+            Some(s) => s.analysis.clone(),
+            None if bind.statement.is_empty() => self.unnamed_analysis.clone(),
+            None => None,
+        };
+        match analysis {
+            Some(analysis) => {
+                self.portal_analysis.insert(bind.portal.to_vec(), analysis);
+            }
+            None => {
+                self.portal_analysis.remove(bind.portal);
+            }
+        }
         let Some(statement) = statement else {
             self.forward(frame, Some(Expect::Bind), true).await;
             return Ok(());

@@ -9,6 +9,7 @@
 //! place in the stream where Postgres would have answered.
 
 mod backend;
+mod caching;
 pub mod cancel;
 mod frontend;
 pub mod settings;
@@ -27,9 +28,11 @@ use crate::config::PoolMode;
 use crate::listener::Proxy;
 use crate::protocol::messages::{self as msg, Severity};
 use crate::protocol::Outbox;
+use crate::sql::analyze::Analysis;
 use crate::sql::effects::{PinReason, SessionEffects};
 use crate::upstream::pool::Pool;
 use crate::upstream::{PooledConn, UpstreamError};
+use caching::{CacheSession, Fill, WriteSet};
 use cancel::CancelSlot;
 use settings::ClientSettings;
 
@@ -42,6 +45,8 @@ pub struct Statement {
     pub query: Vec<u8>,
     pub param_types: Vec<u32>,
     pub effects: SessionEffects,
+    /// Present when the cache is on.
+    pub analysis: Option<Arc<Analysis>>,
 }
 
 /// A response the client is owed, in the order it is owed.
@@ -56,10 +61,17 @@ enum Expect {
     },
     Bind,
     Describe,
-    Execute,
+    /// An Execute; its writes are recorded when it completes.
+    Execute {
+        writes: Option<Box<WriteSet>>,
+    },
     Close,
     Sync,
-    Query,
+    /// A simple Query; a cacheable read carries the fill capturing it.
+    Query {
+        fill: Option<Box<Fill>>,
+        writes: Option<Box<WriteSet>>,
+    },
     FunctionCall,
     /// Bytes pgstash composed, due once everything before them is delivered.
     Local(BytesMut),
@@ -75,7 +87,7 @@ impl Expect {
     fn is_sync_point(&self) -> bool {
         matches!(
             self,
-            Expect::Sync | Expect::Query | Expect::FunctionCall | Expect::LocalReady
+            Expect::Sync | Expect::Query { .. } | Expect::FunctionCall | Expect::LocalReady
         )
     }
 }
@@ -129,6 +141,13 @@ pub struct Session {
     cancel_key: (i32, i32),
     cancel_slot: CancelSlot,
     stop_requested: bool,
+    /// The client's database name, as rules name it.
+    database: String,
+    cache_state: CacheSession,
+    /// The analysis behind the unnamed statement and each portal, so an
+    /// Execute knows what it writes.
+    unnamed_analysis: Option<Arc<Analysis>>,
+    portal_analysis: HashMap<Vec<u8>, Arc<Analysis>>,
     /// The server is in COPY FROM STDIN and ignores Sync until the client
     /// sends CopyDone or CopyFail.
     copy_in: bool,
@@ -377,7 +396,16 @@ impl Session {
             return Err(SessionError::Upstream(error));
         }
         // Autocommit work in flight failed; each pending sync point gets an
-        // error and a ReadyForQuery, and the client may go on.
+        // error and a ReadyForQuery, and the client may go on. Writes in
+        // flight may or may not have committed: publish them as if they had.
+        for expect in self.pending.iter_mut() {
+            if let Expect::Query { writes, .. } | Expect::Execute { writes } = expect {
+                if let Some(w) = writes.take() {
+                    self.cache_state.tx_writes.merge(*w);
+                }
+            }
+        }
+        self.on_transaction_boundary(b'I');
         let mut error_sent = false;
         let message = format!("pgstash: {error}");
         while let Some(expect) = self.pending.pop_front() {

@@ -199,6 +199,10 @@ async fn start_session(
         cancel_key,
         cancel_slot,
         stop_requested: false,
+        database: database.clone(),
+        cache_state: Default::default(),
+        unnamed_analysis: None,
+        portal_analysis: HashMap::new(),
         copy_in: false,
     };
     if mode == PoolMode::Session {

@@ -3,3 +3,5 @@
 pub mod effects;
 
 pub use effects::{session_effects, SessionEffects};
+pub mod analyze;
+pub mod fingerprint;

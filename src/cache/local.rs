@@ -1,0 +1,73 @@
+//! The in-process tier: moka, bounded by bytes, each entry with its TTL.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::sync::Cache;
+use moka::Expiry;
+
+use super::generations::Snapshot;
+
+/// A stored result: the exact backend bytes, and the generations it was
+/// filled under.
+#[derive(Debug)]
+pub struct Entry {
+    pub snapshot: Snapshot,
+    /// Simple protocol: RowDescription, DataRows, CommandComplete.
+    /// Extended protocol: DataRows and CommandComplete.
+    pub payload: Bytes,
+    /// Extended protocol: the RowDescription a Describe of the portal got.
+    pub row_description: Option<Bytes>,
+    pub ttl: Duration,
+}
+
+struct PerEntryTtl;
+
+impl Expiry<u128, Arc<Entry>> for PerEntryTtl {
+    fn expire_after_create(&self, _key: &u128, entry: &Arc<Entry>, _created_at: Instant) -> Option<Duration> {
+        Some(entry.ttl)
+    }
+}
+
+pub struct LocalTier {
+    entries: Cache<u128, Arc<Entry>>,
+}
+
+impl LocalTier {
+    pub fn new(capacity_bytes: u64) -> LocalTier {
+        let entries = Cache::builder()
+            .max_capacity(capacity_bytes)
+            .weigher(|_key, entry: &Arc<Entry>| {
+                let size = entry.payload.len() + entry.row_description.as_ref().map_or(0, Bytes::len) + 128;
+                u32::try_from(size).unwrap_or(u32::MAX)
+            })
+            .expire_after(PerEntryTtl)
+            .build();
+        LocalTier { entries }
+    }
+
+    pub fn get(&self, key: u128) -> Option<Arc<Entry>> {
+        self.entries.get(&key)
+    }
+
+    pub fn insert(&self, key: u128, entry: Entry) {
+        self.entries.insert(key, Arc::new(entry));
+    }
+
+    pub fn remove(&self, key: u128) {
+        self.entries.invalidate(&key);
+    }
+
+    pub fn clear(&self) {
+        self.entries.invalidate_all();
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.entries.entry_count()
+    }
+
+    pub fn weighted_size(&self) -> u64 {
+        self.entries.weighted_size()
+    }
+}

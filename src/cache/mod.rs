@@ -1,0 +1,122 @@
+//! The result cache: statement analysis, the catalog knowledge it needs,
+//! keys, the local tier, and invalidation by table generation.
+//!
+//! A read is served from the cache only when its result is exactly what
+//! Postgres would return now: the key covers everything that changes the
+//! answer's bytes, and an entry is valid only while the generations of
+//! every table it read are the ones it was filled under.
+
+pub mod catalog;
+pub mod generations;
+pub mod key;
+pub mod local;
+pub mod policy;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::config::{CacheConfig, Target};
+use crate::sql::analyze::{analyze, Analysis, Reason};
+use crate::sql::fingerprint::fingerprint;
+use catalog::Catalog;
+use generations::Generations;
+use local::LocalTier;
+
+/// What the cache did with one statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Bypass(Reason),
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Bypass(reason) => reason.as_str(),
+        }
+    }
+}
+
+struct CatalogSlot {
+    catalog: Arc<Catalog>,
+    stale: bool,
+}
+
+pub struct Cache {
+    pub config: CacheConfig,
+    pub local: LocalTier,
+    pub generations: Generations,
+    analyses: moka::sync::Cache<u128, Arc<Analysis>>,
+    catalogs: RwLock<HashMap<Target, CatalogSlot>>,
+}
+
+impl Cache {
+    pub fn new(config: CacheConfig) -> Cache {
+        Cache {
+            local: LocalTier::new(config.capacity_bytes),
+            generations: Generations::default(),
+            analyses: moka::sync::Cache::new(config.analysis_capacity),
+            catalogs: RwLock::new(HashMap::new()),
+            config,
+        }
+    }
+
+    /// The analysis of `sql`, parsed once per statement shape.
+    pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
+        let shape = fingerprint(sql);
+        if let Some(found) = self.analyses.get(&shape) {
+            return found;
+        }
+        let analysis = Arc::new(analyze(sql));
+        self.analyses.insert(shape, analysis.clone());
+        analysis
+    }
+
+    /// The catalog of a database, unless it must be (re)loaded first.
+    pub fn catalog(&self, target: &Target) -> Option<Arc<Catalog>> {
+        let catalogs = self.catalogs.read().unwrap_or_else(|e| e.into_inner());
+        catalogs
+            .get(&database_of(target))
+            .filter(|slot| !slot.stale)
+            .map(|slot| slot.catalog.clone())
+    }
+
+    pub fn store_catalog(&self, target: &Target, catalog: Catalog) -> Arc<Catalog> {
+        let catalog = Arc::new(catalog);
+        self.catalogs.write().unwrap_or_else(|e| e.into_inner()).insert(
+            database_of(target),
+            CatalogSlot {
+                catalog: catalog.clone(),
+                stale: false,
+            },
+        );
+        catalog
+    }
+
+    /// After DDL: the catalog is reloaded before the next cache decision,
+    /// and everything cached for the database becomes unreachable. The
+    /// order matters: a reader that sees the new epoch must not decide with
+    /// the old catalog.
+    pub fn schema_changed(&self, target: &Target, database_oid: u32) {
+        self.mark_catalog_stale(target);
+        self.generations.bump_database(database_oid);
+    }
+
+    pub fn mark_catalog_stale(&self, target: &Target) {
+        let mut catalogs = self.catalogs.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = catalogs.get_mut(&database_of(target)) {
+            slot.stale = true;
+        }
+    }
+}
+
+/// Catalogs are per database, whichever user reads them.
+fn database_of(target: &Target) -> Target {
+    Target {
+        user: String::new(),
+        ..target.clone()
+    }
+}
