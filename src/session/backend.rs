@@ -72,13 +72,16 @@ impl Session {
             msg::BIND_COMPLETE | msg::CLOSE_COMPLETE | msg::NO_DATA => {
                 if matches!(
                     self.pending.front(),
-                    Some(Expect::Bind | Expect::Close | Expect::Describe)
+                    Some(Expect::Bind | Expect::Close | Expect::Describe { .. })
                 ) {
                     self.pending.pop_front();
                 }
             }
             msg::ROW_DESCRIPTION => {
-                if matches!(self.pending.front(), Some(Expect::Describe)) {
+                if let Some(Expect::Describe { capture }) = self.pending.front() {
+                    if *capture {
+                        self.attach_row_description(&frame.raw);
+                    }
                     self.pending.pop_front();
                 }
             }
@@ -87,8 +90,11 @@ impl Session {
                     self.cache_state.last_rollback = caching::is_rollback_tag(frame.body());
                 }
                 if matches!(self.pending.front(), Some(Expect::Execute { .. })) {
-                    if let Some(Expect::Execute { writes }) = self.pending.pop_front() {
+                    if let Some(Expect::Execute { writes, fill }) = self.pending.pop_front() {
                         self.record_writes(writes);
+                        if let Some(fill) = fill {
+                            self.complete_fill(fill);
+                        }
                     }
                 }
             }
@@ -138,11 +144,26 @@ impl Session {
             return;
         }
         let max = self.max_entry_size();
-        if let Some(Expect::Query { fill, .. }) = self.pending.front_mut() {
+        if let Some(Expect::Query { fill, .. } | Expect::Execute { fill, .. }) = self.pending.front_mut() {
             if let Some(f) = fill.as_mut() {
                 if !caching::capture(f, frame.tag, &frame.raw, max) {
                     *fill = None;
                 }
+            }
+        }
+    }
+
+    /// Gives a Describe's RowDescription to the fill of the Execute that
+    /// follows it in the batch.
+    fn attach_row_description(&mut self, raw: &[u8]) {
+        for expect in self.pending.iter_mut().skip(1) {
+            match expect {
+                Expect::Execute { fill: Some(fill), .. } => {
+                    fill.row_description = Some(bytes::Bytes::copy_from_slice(raw));
+                    return;
+                }
+                Expect::Execute { .. } | Expect::Sync => return,
+                _ => {}
             }
         }
     }
@@ -189,7 +210,7 @@ impl Session {
 
     /// A Parse that never completed leaves no statement behind.
     fn undo(&mut self, expect: Expect) {
-        if let Expect::Execute { writes } = expect {
+        if let Expect::Execute { writes, .. } = expect {
             // It may have written before it failed; its transaction decides.
             self.record_writes(writes);
             return;

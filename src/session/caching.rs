@@ -162,7 +162,7 @@ impl Session {
 
     /// Whether the session may use the cache for a statement now: outside
     /// any transaction, with nothing in flight.
-    fn cache_usable(&self) -> Result<(), Reason> {
+    pub(super) fn cache_usable(&self) -> Result<(), Reason> {
         if self.cache().is_none() {
             return Err(Reason::Disabled);
         }

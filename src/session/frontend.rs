@@ -22,6 +22,13 @@ impl Session {
         let max = self.proxy.config().max_message_size;
         let mut flow = Flow::Continue;
         loop {
+            let batch_start = self.pending.is_empty()
+                && self.tx_status == b'I'
+                && self.proxy.cache.is_some()
+                && matches!(self.client_buf.first(), Some(&msg::PARSE | &msg::BIND));
+            if batch_start && self.answer_batch_locally().await? {
+                continue;
+            }
             let frame = match split_frame(&mut self.client_buf, max) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
@@ -71,6 +78,12 @@ impl Session {
         }
         if frame.tag == msg::TERMINATE {
             return Ok(Flow::Stop);
+        }
+        if self.pending.is_empty() && self.tx_status == b'I' {
+            self.batch_clean = true;
+        }
+        if matches!(frame.tag, msg::QUERY | msg::SYNC | msg::FUNCTION_CALL) {
+            self.batch_clean = false;
         }
         if self.discard_until_sync {
             if frame.tag == msg::SYNC {
@@ -210,19 +223,29 @@ impl Session {
     }
 
     async fn on_execute(&mut self, frame: Frame) {
+        let mut fill = None;
         let writes = if self.proxy.cache.is_some() {
             let mut body = frame.body();
             let portal = crate::protocol::frame::get_cstr(&mut body).unwrap_or_default();
-            match self.portal_analysis.get(portal) {
-                Some(analysis) => WriteSet::of(analysis),
+            let writes = match self.portal_analysis.get(portal) {
+                Some(analysis) => {
+                    if !analysis.is_cacheable_candidate() {
+                        // Reads after this in the batch may see its effects
+                        // before they commit.
+                        self.batch_clean = false;
+                    }
+                    WriteSet::of(analysis)
+                }
                 // Unknown statement (SQL-level PREPARE, say): assume the worst.
                 None => WriteSet::of(&Analysis::unknown()),
-            }
+            };
+            fill = self.fill_for_execute(frame.body());
+            writes
         } else {
             None
         };
         self.prepare_for_write(&writes).await;
-        self.forward(frame, Some(Expect::Execute { writes }), true).await;
+        self.forward(frame, Some(Expect::Execute { writes, fill }), true).await;
     }
 
     /// `DEALLOCATE name` of a protocol-level statement is pgstash's to
@@ -264,7 +287,14 @@ impl Session {
             self.note_unknown_effects(analysis);
         }
         if parse.name.is_empty() {
-            self.unnamed_analysis = analysis;
+            self.unnamed = Some(Arc::new(Statement {
+                id: 0,
+                server_name: Vec::new(),
+                query: parse.query.to_vec(),
+                param_types: parse.param_types.clone(),
+                effects: effects.clone(),
+                analysis,
+            }));
             self.apply_effects(&effects);
             self.forward(
                 frame,
@@ -348,17 +378,22 @@ impl Session {
             return Err(SessionError::Protocol("malformed Bind message".into()));
         };
         let statement = self.statements.get(bind.statement).cloned();
-        let analysis = match &statement {
-            Some(s) => s.analysis.clone(),
-            None if bind.statement.is_empty() => self.unnamed_analysis.clone(),
+        let source = match &statement {
+            Some(s) => Some(s.clone()),
+            None if bind.statement.is_empty() => self.unnamed.clone(),
             None => None,
         };
-        match analysis {
+        match source.as_ref().and_then(|s| s.analysis.clone()) {
             Some(analysis) => {
+                if let Some(s) = &source {
+                    self.plan_portal_fill(bind.portal, &s.query, &s.param_types, bind.rest, &analysis)
+                        .await;
+                }
                 self.portal_analysis.insert(bind.portal.to_vec(), analysis);
             }
             None => {
                 self.portal_analysis.remove(bind.portal);
+                self.portal_fills.remove(bind.portal);
             }
         }
         let Some(statement) = statement else {
@@ -384,7 +419,8 @@ impl Session {
             _ => None,
         };
         let Some(statement) = statement else {
-            self.forward(frame, Some(Expect::Describe), true).await;
+            let capture = target.kind == b'P' && self.portal_fills.contains_key(target.name);
+            self.forward(frame, Some(Expect::Describe { capture }), true).await;
             return Ok(());
         };
         if !self.attach_or_fail(true).await {
@@ -392,7 +428,7 @@ impl Session {
         }
         self.ensure_prepared(&statement);
         target.encode(msg::DESCRIBE, &statement.server_name, &mut self.server_out);
-        self.pending.push_back(Expect::Describe);
+        self.pending.push_back(Expect::Describe { capture: false });
         Ok(())
     }
 
@@ -427,7 +463,7 @@ impl Session {
 
 /// The shared identity of a statement: same text and parameter types from
 /// any client means the same server-side statement.
-fn statement_id(parse: &Parse<'_>) -> u128 {
+pub(super) fn statement_id(parse: &Parse<'_>) -> u128 {
     let mut hasher = Xxh3::new();
     hasher.update(parse.query);
     hasher.update(&[0]);

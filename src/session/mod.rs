@@ -9,6 +9,7 @@
 //! place in the stream where Postgres would have answered.
 
 mod backend;
+mod batch_cache;
 mod caching;
 pub mod cancel;
 mod frontend;
@@ -60,10 +61,16 @@ enum Expect {
         client_name: Option<Vec<u8>>,
     },
     Bind,
-    Describe,
-    /// An Execute; its writes are recorded when it completes.
+    /// `capture`: the RowDescription goes with the fill of the Execute
+    /// that follows.
+    Describe {
+        capture: bool,
+    },
+    /// An Execute; its writes are recorded when it completes, and a
+    /// cacheable one carries the fill capturing its rows.
     Execute {
         writes: Option<Box<WriteSet>>,
+        fill: Option<Box<Fill>>,
     },
     Close,
     Sync,
@@ -146,8 +153,13 @@ pub struct Session {
     cache_state: CacheSession,
     /// The analysis behind the unnamed statement and each portal, so an
     /// Execute knows what it writes.
-    unnamed_analysis: Option<Arc<Analysis>>,
+    unnamed: Option<Arc<Statement>>,
     portal_analysis: HashMap<Vec<u8>, Arc<Analysis>>,
+    /// Keys for portals whose results may be captured.
+    portal_fills: HashMap<Vec<u8>, batch_cache::PortalFill>,
+    /// The batch being received started with nothing in flight, outside a
+    /// transaction, and has run only cacheable reads so far.
+    batch_clean: bool,
     /// The server is in COPY FROM STDIN and ignores Sync until the client
     /// sends CopyDone or CopyFail.
     copy_in: bool,
@@ -399,7 +411,7 @@ impl Session {
         // error and a ReadyForQuery, and the client may go on. Writes in
         // flight may or may not have committed: publish them as if they had.
         for expect in self.pending.iter_mut() {
-            if let Expect::Query { writes, .. } | Expect::Execute { writes } = expect {
+            if let Expect::Query { writes, .. } | Expect::Execute { writes, .. } = expect {
                 if let Some(w) = writes.take() {
                     self.cache_state.tx_writes.merge(*w);
                 }

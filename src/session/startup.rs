@@ -201,7 +201,9 @@ async fn start_session(
         stop_requested: false,
         database: database.clone(),
         cache_state: Default::default(),
-        unnamed_analysis: None,
+        unnamed: None,
+        portal_fills: HashMap::new(),
+        batch_clean: false,
         portal_analysis: HashMap::new(),
         copy_in: false,
     };

@@ -1,0 +1,248 @@
+//! The extended protocol and the cache. A pipelined batch — any number of
+//! `[Parse] Bind [Describe portal] Execute` groups and a Sync — is answered
+//! locally only if every Execute in it is a hit; otherwise the whole batch
+//! goes upstream and the results of its cacheable Executes are captured on
+//! the way back.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::caching::Fill;
+use super::{Session, SessionError, Statement};
+use crate::cache::key::{statement_key, Protocol};
+use crate::cache::policy::{self, Decision};
+use crate::protocol::frame::{get_cstr, get_i32, HEADER_LEN};
+use crate::protocol::messages::{self as msg, Bind, Parse, Target};
+use crate::sql::analyze::Analysis;
+use crate::sql::session_effects;
+
+/// One `[Parse] Bind [Describe] Execute` group of a batch.
+struct Group<'a> {
+    parse: Option<Parse<'a>>,
+    bind: Bind<'a>,
+    describe: bool,
+}
+
+/// What a portal bound for a cacheable statement will be stored under.
+#[derive(Debug, Clone)]
+pub struct PortalFill {
+    pub key: u128,
+    pub decision: Decision,
+}
+
+impl Session {
+    /// Answers the batch at the front of the client's buffer from the cache
+    /// if it can; `false` leaves the buffer for ordinary processing.
+    pub(super) async fn answer_batch_locally(&mut self) -> Result<bool, SessionError> {
+        if self.discard_until_sync || self.cache_usable().is_err() {
+            return Ok(false);
+        }
+        let Some(batch_len) = batch_length(&self.client_buf) else {
+            return Ok(false);
+        };
+        if self.cache_context().await.is_err() {
+            return Ok(false);
+        }
+        let mut batch = self.client_buf.split_to(batch_len);
+        match self.local_answer(&batch) {
+            Some((response, new_statements, unnamed)) => {
+                for (name, statement) in new_statements {
+                    self.statements.insert(name, statement);
+                }
+                if let Some(statement) = unnamed {
+                    self.unnamed = Some(statement);
+                }
+                for chunk in response {
+                    self.out.push_shared(chunk);
+                }
+                self.push_local_ready();
+                Ok(true)
+            }
+            None => {
+                // Put the batch back in front of whatever followed it; the
+                // two halves are contiguous, so this is O(1).
+                let rest = std::mem::take(&mut self.client_buf);
+                batch.unsplit(rest);
+                self.client_buf = batch;
+                Ok(false)
+            }
+        }
+    }
+
+    /// The response to `batch` if every Execute in it is a hit, with the
+    /// named statements it creates and the unnamed statement's analysis.
+    #[allow(clippy::type_complexity)]
+    fn local_answer(
+        &self,
+        batch: &[u8],
+    ) -> Option<(Vec<Bytes>, Vec<(Vec<u8>, Arc<Statement>)>, Option<Arc<Statement>>)> {
+        let cache = self.proxy.cache.as_ref()?;
+        let ctx = self.cache_state.context.as_ref()?;
+        let groups = parse_groups(batch)?;
+        let mut response = Vec::with_capacity(groups.len() * 3);
+        let mut new_statements: Vec<(Vec<u8>, Arc<Statement>)> = Vec::new();
+        let mut unnamed: Option<Arc<Statement>> = None;
+        for group in &groups {
+            let (text, types, analysis) = match &group.parse {
+                Some(parse) => {
+                    let analysis = cache.analyze(std::str::from_utf8(parse.query).ok()?);
+                    if parse.name.is_empty() {
+                        unnamed = Some(Arc::new(new_statement(parse, analysis.clone())));
+                    } else {
+                        if self.statements.contains_key(parse.name) || new_statements.iter().any(|(n, _)| n == parse.name) {
+                            return None;
+                        }
+                        new_statements.push((parse.name.to_vec(), Arc::new(new_statement(parse, analysis.clone()))));
+                    }
+                    response.push(Bytes::from_static(b"1\0\0\0\x04"));
+                    (parse.query.to_vec(), parse.param_types.clone(), analysis)
+                }
+                None if group.bind.statement.is_empty() => {
+                    let statement = unnamed.as_ref()?;
+                    (statement.query.clone(), statement.param_types.clone(), statement.analysis.clone()?)
+                }
+                None => {
+                    let statement = self
+                        .statements
+                        .get(group.bind.statement)
+                        .or_else(|| new_statements.iter().find(|(n, _)| n == group.bind.statement).map(|(_, s)| s))?;
+                    (statement.query.clone(), statement.param_types.clone(), statement.analysis.clone()?)
+                }
+            };
+            policy::decide(&analysis, &ctx.catalog, &ctx.schemas, &self.database, &cache.config).ok()?;
+            let key = statement_key(ctx.context, Protocol::Extended, &text, &types, group.bind.rest);
+            let entry = cache.local.get(key)?;
+            if !cache.generations.is_current(&entry.snapshot) {
+                return None;
+            }
+            response.push(Bytes::from_static(b"2\0\0\0\x04"));
+            if group.describe {
+                response.push(entry.row_description.clone()?);
+            }
+            response.push(entry.payload.clone());
+        }
+        Some((response, new_statements, unnamed))
+    }
+
+    /// On Bind: remembers the key a cacheable portal's result would be
+    /// stored under, when the batch so far allows caching.
+    pub(super) async fn plan_portal_fill(&mut self, portal: &[u8], text: &[u8], types: &[u32], bind_rest: &[u8], analysis: &Analysis) {
+        self.portal_fills.remove(portal);
+        if !self.batch_clean || !analysis.is_cacheable_candidate() || self.cache_state.unsafe_reason.is_some() {
+            return;
+        }
+        if self.cache_context().await.is_err() {
+            return;
+        }
+        let (Some(cache), Some(ctx)) = (self.proxy.cache.as_ref(), self.cache_state.context.as_ref()) else {
+            return;
+        };
+        let Ok(decision) = policy::decide(analysis, &ctx.catalog, &ctx.schemas, &self.database, &cache.config) else {
+            return;
+        };
+        let key = statement_key(ctx.context, Protocol::Extended, text, types, bind_rest);
+        self.portal_fills.insert(portal.to_vec(), PortalFill { key, decision });
+    }
+
+    /// On Execute: the fill for this portal, if its result may be stored.
+    pub(super) fn fill_for_execute(&mut self, body: &[u8]) -> Option<Box<Fill>> {
+        let mut rest = body;
+        let portal = get_cstr(&mut rest)?;
+        let max_rows = get_i32(&mut rest)?;
+        let planned = self.portal_fills.remove(portal)?;
+        if max_rows != 0 || !self.batch_clean {
+            return None;
+        }
+        let cache = self.proxy.cache.as_ref()?;
+        let ctx = self.cache_state.context.as_ref()?;
+        let snapshot = cache
+            .generations
+            .snapshot(ctx.catalog.database_oid, &planned.decision.tables);
+        Some(Box::new(Fill {
+            key: planned.key,
+            snapshot,
+            ttl: planned.decision.ttl,
+            payload: BytesMut::new(),
+            row_description: None,
+        }))
+    }
+}
+
+fn new_statement(parse: &Parse<'_>, analysis: Arc<Analysis>) -> Statement {
+    let id = super::frontend::statement_id(parse);
+    Statement {
+        id,
+        server_name: format!("pgstash_{id:032x}").into_bytes(),
+        query: parse.query.to_vec(),
+        param_types: parse.param_types.clone(),
+        effects: std::str::from_utf8(parse.query).map(session_effects).unwrap_or_default(),
+        analysis: Some(analysis),
+    }
+}
+
+/// The length of the batch at the front of `buf` (through its Sync) if it
+/// is complete and made only of Parse, Bind, Describe, Execute and Sync.
+fn batch_length(buf: &[u8]) -> Option<usize> {
+    let mut offset = 0;
+    loop {
+        let header = buf.get(offset..offset + HEADER_LEN)?;
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        if len < 4 {
+            return None;
+        }
+        let end = offset + 1 + len as usize;
+        if end > buf.len() {
+            return None;
+        }
+        match header[0] {
+            msg::PARSE | msg::BIND | msg::DESCRIBE | msg::EXECUTE => offset = end,
+            msg::SYNC => return Some(end),
+            _ => return None,
+        }
+    }
+}
+
+/// Splits a batch into groups; `None` if it has any other shape.
+fn parse_groups(batch: &[u8]) -> Option<Vec<Group<'_>>> {
+    let mut groups = Vec::new();
+    let mut parse: Option<Parse<'_>> = None;
+    let mut bind: Option<Bind<'_>> = None;
+    let mut describe = false;
+    let mut offset = 0;
+    while offset < batch.len() {
+        let tag = batch[offset];
+        let len = i32::from_be_bytes(batch.get(offset + 1..offset + 5)?.try_into().ok()?) as usize;
+        let body = batch.get(offset + HEADER_LEN..offset + 1 + len)?;
+        offset += 1 + len;
+        match tag {
+            msg::PARSE if parse.is_none() && bind.is_none() => parse = Some(Parse::decode(body)?),
+            msg::BIND if bind.is_none() => bind = Some(Bind::decode(body)?),
+            msg::DESCRIBE => {
+                let target = Target::decode(body)?;
+                let b = bind.as_ref()?;
+                if target.kind != b'P' || target.name != b.portal || describe {
+                    return None;
+                }
+                describe = true;
+            }
+            msg::EXECUTE => {
+                let b = bind.take()?;
+                let mut rest = body;
+                let portal = get_cstr(&mut rest)?;
+                let max_rows = get_i32(&mut rest)?;
+                if portal != b.portal || max_rows != 0 {
+                    return None;
+                }
+                groups.push(Group {
+                    parse: parse.take(),
+                    bind: b,
+                    describe: std::mem::take(&mut describe),
+                });
+            }
+            msg::SYNC if parse.is_none() && bind.is_none() => {}
+            _ => return None,
+        }
+    }
+    (!groups.is_empty()).then_some(groups)
+}
