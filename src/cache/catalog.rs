@@ -57,7 +57,9 @@ impl Catalog {
     pub async fn load(server: &mut ServerConn) -> Result<Catalog, CatalogError> {
         let mut catalog = Catalog::default();
         let rows = query(server, "SELECT oid::text, (SELECT reset_val FROM pg_settings WHERE name = 'search_path') FROM pg_database WHERE datname = current_database()").await?;
-        let row = rows.first().ok_or(CatalogError::Missing("current database"))?;
+        let row = rows
+            .first()
+            .ok_or(CatalogError::Missing("current database"))?;
         catalog.database_oid = parse(&row[0])?;
         catalog.default_search_path = row[1].clone().unwrap_or_default();
 
@@ -77,7 +79,12 @@ impl Catalog {
                 .insert((relation.schema.clone(), relation.name.clone()), oid);
             catalog.relations.insert(oid, relation);
         }
-        for row in query(server, "SELECT inhrelid::text, inhparent::text FROM pg_inherits").await? {
+        for row in query(
+            server,
+            "SELECT inhrelid::text, inhparent::text FROM pg_inherits",
+        )
+        .await?
+        {
             let (child, parent): (u32, u32) = (parse(&row[0])?, parse(&row[1])?);
             if let Some(r) = catalog.relations.get_mut(&child) {
                 r.parents.push(parent);
@@ -147,7 +154,10 @@ impl Catalog {
     /// Resolves a relation name the way Postgres would for this path.
     pub fn resolve(&self, name: &Name, schemas: &[String]) -> Option<u32> {
         match &name.schema {
-            Some(schema) => self.by_name.get(&(schema.clone(), name.name.clone())).copied(),
+            Some(schema) => self
+                .by_name
+                .get(&(schema.clone(), name.name.clone()))
+                .copied(),
             None => schemas
                 .iter()
                 .find_map(|s| self.by_name.get(&(s.clone(), name.name.clone())).copied()),
@@ -159,13 +169,20 @@ impl Catalog {
     /// could come from), or `None` if no such function exists.
     pub fn function_volatility(&self, name: &Name, schemas: &[String]) -> Option<u8> {
         let candidates: Vec<&u8> = match &name.schema {
-            Some(schema) => self.functions.get(&(schema.clone(), name.name.clone())).into_iter().collect(),
+            Some(schema) => self
+                .functions
+                .get(&(schema.clone(), name.name.clone()))
+                .into_iter()
+                .collect(),
             None => schemas
                 .iter()
                 .filter_map(|s| self.functions.get(&(s.clone(), name.name.clone())))
                 .collect(),
         };
-        candidates.into_iter().copied().max_by_key(|&v| volatility_rank(v))
+        candidates
+            .into_iter()
+            .copied()
+            .max_by_key(|&v| volatility_rank(v))
     }
 
     /// Every table whose rows a write to `oid` may change: the table, its
@@ -181,7 +198,9 @@ impl Catalog {
                 continue;
             }
             affected.insert(current);
-            let Some(r) = self.relations.get(&current) else { continue };
+            let Some(r) = self.relations.get(&current) else {
+                continue;
+            };
             if r.user_triggers {
                 return None;
             }
@@ -216,7 +235,10 @@ pub enum CatalogError {
     Parse(String),
 }
 
-async fn query(server: &mut ServerConn, sql: &str) -> Result<Vec<Vec<Option<String>>>, CatalogError> {
+async fn query(
+    server: &mut ServerConn,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, CatalogError> {
     let result = server.run_internal(sql).await?;
     if let Some((code, message)) = result.error {
         return Err(CatalogError::Query(format!("{code}: {message}")));
@@ -230,5 +252,6 @@ fn text(value: &Option<String>) -> String {
 
 fn parse<T: std::str::FromStr>(value: &Option<String>) -> Result<T, CatalogError> {
     let text = value.as_deref().unwrap_or("");
-    text.parse().map_err(|_| CatalogError::Parse(text.to_owned()))
+    text.parse()
+        .map_err(|_| CatalogError::Parse(text.to_owned()))
 }

@@ -53,7 +53,10 @@ impl Generations {
     pub fn bump(&self, database: u32, tables: &[u32]) {
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         for &t in tables {
-            current.insert((database, t), self.clock.fetch_add(1, Ordering::Relaxed) + 1);
+            current.insert(
+                (database, t),
+                self.clock.fetch_add(1, Ordering::Relaxed) + 1,
+            );
         }
     }
 

@@ -26,7 +26,12 @@ pub enum Protocol {
 
 /// The part of a key that belongs to the session: database, login user and
 /// every keyed setting. Computed once per settings change.
-pub fn session_context(database_oid: u32, login_user: &str, search_path: &str, settings: &BTreeMap<String, String>) -> u128 {
+pub fn session_context(
+    database_oid: u32,
+    login_user: &str,
+    search_path: &str,
+    settings: &BTreeMap<String, String>,
+) -> u128 {
     let mut h = Xxh3::new();
     h.update(&database_oid.to_be_bytes());
     field(&mut h, login_user.as_bytes());
@@ -43,7 +48,13 @@ pub fn session_context(database_oid: u32, login_user: &str, search_path: &str, s
 
 /// The key of one statement execution. `bind` is the tail of a Bind
 /// message: parameter formats, values and result formats.
-pub fn statement_key(context: u128, protocol: Protocol, text: &[u8], param_types: &[u32], bind: &[u8]) -> u128 {
+pub fn statement_key(
+    context: u128,
+    protocol: Protocol,
+    text: &[u8],
+    param_types: &[u32],
+    bind: &[u8],
+) -> u128 {
     let mut h = Xxh3::new();
     h.update(&context.to_be_bytes());
     h.update(&[protocol as u8]);
@@ -82,11 +93,29 @@ mod tests {
         assert_eq!(base, session_context(1, "app", "public", &app));
 
         let k = statement_key(base, Protocol::Simple, b"select 1", &[], b"");
-        assert_ne!(k, statement_key(base, Protocol::Extended, b"select 1", &[], b""));
-        assert_ne!(k, statement_key(base, Protocol::Simple, b"select 2", &[], b""));
         assert_ne!(
-            statement_key(base, Protocol::Extended, b"select $1", &[23], b"\0\0\0\x01\0\0\0\x011"),
-            statement_key(base, Protocol::Extended, b"select $1", &[23], b"\0\0\0\x01\0\0\0\x012")
+            k,
+            statement_key(base, Protocol::Extended, b"select 1", &[], b"")
+        );
+        assert_ne!(
+            k,
+            statement_key(base, Protocol::Simple, b"select 2", &[], b"")
+        );
+        assert_ne!(
+            statement_key(
+                base,
+                Protocol::Extended,
+                b"select $1",
+                &[23],
+                b"\0\0\0\x01\0\0\0\x011"
+            ),
+            statement_key(
+                base,
+                Protocol::Extended,
+                b"select $1",
+                &[23],
+                b"\0\0\0\x01\0\0\0\x012"
+            )
         );
     }
 }

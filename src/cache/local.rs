@@ -25,7 +25,12 @@ pub struct Entry {
 struct PerEntryTtl;
 
 impl Expiry<u128, Arc<Entry>> for PerEntryTtl {
-    fn expire_after_create(&self, _key: &u128, entry: &Arc<Entry>, _created_at: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _key: &u128,
+        entry: &Arc<Entry>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
         Some(entry.ttl)
     }
 }
@@ -39,7 +44,9 @@ impl LocalTier {
         let entries = Cache::builder()
             .max_capacity(capacity_bytes)
             .weigher(|_key, entry: &Arc<Entry>| {
-                let size = entry.payload.len() + entry.row_description.as_ref().map_or(0, Bytes::len) + 128;
+                let size = entry.payload.len()
+                    + entry.row_description.as_ref().map_or(0, Bytes::len)
+                    + 128;
                 u32::try_from(size).unwrap_or(u32::MAX)
             })
             .expire_after(PerEntryTtl)

@@ -13,6 +13,7 @@ pub mod local;
 pub mod policy;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::config::{CacheConfig, Target};
@@ -40,6 +41,35 @@ impl Outcome {
     }
 }
 
+/// Counters of what the cache did, for tests, the admin console and
+/// metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub bypasses: AtomicU64,
+    pub fills: AtomicU64,
+    /// Fills thrown away because a write to a table they read completed
+    /// while they were in flight.
+    pub fills_discarded: AtomicU64,
+    pub invalidations: AtomicU64,
+}
+
+impl CacheStats {
+    pub fn count(&self, outcome: Outcome) {
+        let counter = match outcome {
+            Outcome::Hit => &self.hits,
+            Outcome::Miss => &self.misses,
+            Outcome::Bypass(_) => &self.bypasses,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
 struct CatalogSlot {
     catalog: Arc<Catalog>,
     stale: bool,
@@ -49,6 +79,7 @@ pub struct Cache {
     pub config: CacheConfig,
     pub local: LocalTier,
     pub generations: Generations,
+    pub stats: CacheStats,
     analyses: moka::sync::Cache<u128, Arc<Analysis>>,
     catalogs: RwLock<HashMap<Target, CatalogSlot>>,
 }
@@ -58,6 +89,7 @@ impl Cache {
         Cache {
             local: LocalTier::new(config.capacity_bytes),
             generations: Generations::default(),
+            stats: CacheStats::default(),
             analyses: moka::sync::Cache::new(config.analysis_capacity),
             catalogs: RwLock::new(HashMap::new()),
             config,
@@ -86,13 +118,16 @@ impl Cache {
 
     pub fn store_catalog(&self, target: &Target, catalog: Catalog) -> Arc<Catalog> {
         let catalog = Arc::new(catalog);
-        self.catalogs.write().unwrap_or_else(|e| e.into_inner()).insert(
-            database_of(target),
-            CatalogSlot {
-                catalog: catalog.clone(),
-                stale: false,
-            },
-        );
+        self.catalogs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                database_of(target),
+                CatalogSlot {
+                    catalog: catalog.clone(),
+                    stale: false,
+                },
+            );
         catalog
     }
 

@@ -41,7 +41,7 @@ pub fn decide(
         }
     }
     for function in &analysis.functions {
-        if is_listed_immutable(function, &config.immutable_functions) {
+        if is_listed_immutable(function, &config.immutable_functions) || is_syntax(function) {
             continue;
         }
         match catalog.function_volatility(function, schemas) {
@@ -99,6 +99,16 @@ pub fn decide(
     Ok(Decision { tables, ttl })
 }
 
+/// Constructs that sqlparser reads as function calls but that Postgres
+/// evaluates itself: as immutable as their arguments, which are checked.
+fn is_syntax(function: &Name) -> bool {
+    function.schema.is_none()
+        && matches!(
+            function.name.as_str(),
+            "coalesce" | "nullif" | "greatest" | "least"
+        )
+}
+
 fn is_listed_immutable(function: &Name, listed: &[String]) -> bool {
     listed.iter().any(|entry| match entry.split_once('.') {
         Some((schema, name)) => function.schema.as_deref() == Some(schema) && function.name == name,
@@ -106,13 +116,21 @@ fn is_listed_immutable(function: &Name, listed: &[String]) -> bool {
     })
 }
 
-fn matching_rule<'a>(rules: &'a [CacheRule], database: &str, schema: &str, table: &str) -> Option<&'a CacheRule> {
+fn matching_rule<'a>(
+    rules: &'a [CacheRule],
+    database: &str,
+    schema: &str,
+    table: &str,
+) -> Option<&'a CacheRule> {
     rules.iter().find(|rule| {
         let database_matches = rule.database.as_deref().is_none_or(|d| d == database);
-        let table_matches = rule.table.as_deref().is_none_or(|t| match t.split_once('.') {
-            Some((s, n)) => s == schema && n == table,
-            None => t == table,
-        });
+        let table_matches = rule
+            .table
+            .as_deref()
+            .is_none_or(|t| match t.split_once('.') {
+                Some((s, n)) => s == schema && n == table,
+                None => t == table,
+            });
         database_matches && table_matches
     })
 }

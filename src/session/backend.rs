@@ -93,7 +93,7 @@ impl Session {
                     if let Some(Expect::Execute { writes, fill }) = self.pending.pop_front() {
                         self.record_writes(writes);
                         if let Some(fill) = fill {
-                            self.complete_fill(fill);
+                            self.complete_fill(*fill);
                         }
                     }
                 }
@@ -107,7 +107,7 @@ impl Session {
                         self.record_writes(writes);
                         if let Some(fill) = fill {
                             if status == b'I' {
-                                self.complete_fill(fill);
+                                self.complete_fill(*fill);
                             }
                         }
                         break;
@@ -144,7 +144,9 @@ impl Session {
             return;
         }
         let max = self.max_entry_size();
-        if let Some(Expect::Query { fill, .. } | Expect::Execute { fill, .. }) = self.pending.front_mut() {
+        if let Some(Expect::Query { fill, .. } | Expect::Execute { fill, .. }) =
+            self.pending.front_mut()
+        {
             if let Some(f) = fill.as_mut() {
                 if !caching::capture(f, frame.tag, &frame.raw, max) {
                     *fill = None;
@@ -158,7 +160,9 @@ impl Session {
     fn attach_row_description(&mut self, raw: &[u8]) {
         for expect in self.pending.iter_mut().skip(1) {
             match expect {
-                Expect::Execute { fill: Some(fill), .. } => {
+                Expect::Execute {
+                    fill: Some(fill), ..
+                } => {
                     fill.row_description = Some(bytes::Bytes::copy_from_slice(raw));
                     return;
                 }

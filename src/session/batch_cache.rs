@@ -47,6 +47,9 @@ impl Session {
         let mut batch = self.client_buf.split_to(batch_len);
         match self.local_answer(&batch) {
             Some((response, new_statements, unnamed)) => {
+                if let Some(cache) = &self.proxy.cache {
+                    cache.stats.count(crate::cache::Outcome::Hit);
+                }
                 for (name, statement) in new_statements {
                     self.statements.insert(name, statement);
                 }
@@ -76,7 +79,11 @@ impl Session {
     fn local_answer(
         &self,
         batch: &[u8],
-    ) -> Option<(Vec<Bytes>, Vec<(Vec<u8>, Arc<Statement>)>, Option<Arc<Statement>>)> {
+    ) -> Option<(
+        Vec<Bytes>,
+        Vec<(Vec<u8>, Arc<Statement>)>,
+        Option<Arc<Statement>>,
+    )> {
         let cache = self.proxy.cache.as_ref()?;
         let ctx = self.cache_state.context.as_ref()?;
         let groups = parse_groups(batch)?;
@@ -90,28 +97,56 @@ impl Session {
                     if parse.name.is_empty() {
                         unnamed = Some(Arc::new(new_statement(parse, analysis.clone())));
                     } else {
-                        if self.statements.contains_key(parse.name) || new_statements.iter().any(|(n, _)| n == parse.name) {
+                        if self.statements.contains_key(parse.name)
+                            || new_statements.iter().any(|(n, _)| n == parse.name)
+                        {
                             return None;
                         }
-                        new_statements.push((parse.name.to_vec(), Arc::new(new_statement(parse, analysis.clone()))));
+                        new_statements.push((
+                            parse.name.to_vec(),
+                            Arc::new(new_statement(parse, analysis.clone())),
+                        ));
                     }
                     response.push(Bytes::from_static(b"1\0\0\0\x04"));
                     (parse.query.to_vec(), parse.param_types.clone(), analysis)
                 }
                 None if group.bind.statement.is_empty() => {
                     let statement = unnamed.as_ref()?;
-                    (statement.query.clone(), statement.param_types.clone(), statement.analysis.clone()?)
+                    (
+                        statement.query.clone(),
+                        statement.param_types.clone(),
+                        statement.analysis.clone()?,
+                    )
                 }
                 None => {
-                    let statement = self
-                        .statements
-                        .get(group.bind.statement)
-                        .or_else(|| new_statements.iter().find(|(n, _)| n == group.bind.statement).map(|(_, s)| s))?;
-                    (statement.query.clone(), statement.param_types.clone(), statement.analysis.clone()?)
+                    let statement = self.statements.get(group.bind.statement).or_else(|| {
+                        new_statements
+                            .iter()
+                            .find(|(n, _)| n == group.bind.statement)
+                            .map(|(_, s)| s)
+                    })?;
+                    (
+                        statement.query.clone(),
+                        statement.param_types.clone(),
+                        statement.analysis.clone()?,
+                    )
                 }
             };
-            policy::decide(&analysis, &ctx.catalog, &ctx.schemas, &self.database, &cache.config).ok()?;
-            let key = statement_key(ctx.context, Protocol::Extended, &text, &types, group.bind.rest);
+            policy::decide(
+                &analysis,
+                &ctx.catalog,
+                &ctx.schemas,
+                &self.database,
+                &cache.config,
+            )
+            .ok()?;
+            let key = statement_key(
+                ctx.context,
+                Protocol::Extended,
+                &text,
+                &types,
+                group.bind.rest,
+            );
             let entry = cache.local.get(key)?;
             if !cache.generations.is_current(&entry.snapshot) {
                 return None;
@@ -127,22 +162,41 @@ impl Session {
 
     /// On Bind: remembers the key a cacheable portal's result would be
     /// stored under, when the batch so far allows caching.
-    pub(super) async fn plan_portal_fill(&mut self, portal: &[u8], text: &[u8], types: &[u32], bind_rest: &[u8], analysis: &Analysis) {
+    pub(super) async fn plan_portal_fill(
+        &mut self,
+        portal: &[u8],
+        text: &[u8],
+        types: &[u32],
+        bind_rest: &[u8],
+        analysis: &Analysis,
+    ) {
         self.portal_fills.remove(portal);
-        if !self.batch_clean || !analysis.is_cacheable_candidate() || self.cache_state.unsafe_reason.is_some() {
+        if !self.batch_clean
+            || !analysis.is_cacheable_candidate()
+            || self.cache_state.unsafe_reason.is_some()
+        {
             return;
         }
         if self.cache_context().await.is_err() {
             return;
         }
-        let (Some(cache), Some(ctx)) = (self.proxy.cache.as_ref(), self.cache_state.context.as_ref()) else {
+        let (Some(cache), Some(ctx)) =
+            (self.proxy.cache.as_ref(), self.cache_state.context.as_ref())
+        else {
             return;
         };
-        let Ok(decision) = policy::decide(analysis, &ctx.catalog, &ctx.schemas, &self.database, &cache.config) else {
+        let Ok(decision) = policy::decide(
+            analysis,
+            &ctx.catalog,
+            &ctx.schemas,
+            &self.database,
+            &cache.config,
+        ) else {
             return;
         };
         let key = statement_key(ctx.context, Protocol::Extended, text, types, bind_rest);
-        self.portal_fills.insert(portal.to_vec(), PortalFill { key, decision });
+        self.portal_fills
+            .insert(portal.to_vec(), PortalFill { key, decision });
     }
 
     /// On Execute: the fill for this portal, if its result may be stored.
@@ -156,6 +210,7 @@ impl Session {
         }
         let cache = self.proxy.cache.as_ref()?;
         let ctx = self.cache_state.context.as_ref()?;
+        cache.stats.count(crate::cache::Outcome::Miss);
         let snapshot = cache
             .generations
             .snapshot(ctx.catalog.database_oid, &planned.decision.tables);
@@ -176,7 +231,9 @@ fn new_statement(parse: &Parse<'_>, analysis: Arc<Analysis>) -> Statement {
         server_name: format!("pgstash_{id:032x}").into_bytes(),
         query: parse.query.to_vec(),
         param_types: parse.param_types.clone(),
-        effects: std::str::from_utf8(parse.query).map(session_effects).unwrap_or_default(),
+        effects: std::str::from_utf8(parse.query)
+            .map(session_effects)
+            .unwrap_or_default(),
         analysis: Some(analysis),
     }
 }

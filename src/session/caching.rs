@@ -9,6 +9,7 @@
 //! ReadyForQuery reaches the client: any read that starts after the client
 //! learns of the commit sees the new generations.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -177,30 +178,65 @@ impl Session {
 
     /// Simple protocol: answers a cacheable read from the cache, or returns
     /// the fill to capture its result with. `Err` is the bypass reason.
-    pub(super) async fn simple_query_lookup(&mut self, text: &str, analysis: &Analysis) -> Result<Option<Box<Fill>>, Reason> {
+    pub(super) async fn simple_query_lookup(
+        &mut self,
+        text: &str,
+        analysis: &Analysis,
+    ) -> Result<Option<Box<Fill>>, Reason> {
+        let result = self.simple_query_decision(text, analysis).await;
+        if let Some(cache) = self.cache() {
+            cache.stats.count(match &result {
+                Ok(None) => Outcome::Hit,
+                Ok(Some(_)) => Outcome::Miss,
+                Err(reason) => Outcome::Bypass(*reason),
+            });
+        }
+        result
+    }
+
+    async fn simple_query_decision(
+        &mut self,
+        text: &str,
+        analysis: &Analysis,
+    ) -> Result<Option<Box<Fill>>, Reason> {
         self.cache_usable()?;
         if let Some(reason) = analysis.not_cacheable {
             return Err(reason);
         }
         self.cache_context().await?;
-        let Some(cache) = self.cache() else { return Err(Reason::Disabled) };
+        let Some(cache) = self.cache() else {
+            return Err(Reason::Disabled);
+        };
         let Some(ctx) = self.cache_state.context.as_ref() else {
             return Err(Reason::CatalogUnavailable);
         };
-        let decision = policy::decide(analysis, &ctx.catalog, &ctx.schemas, &self.database, &cache.config)?;
-        let key = key::statement_key(ctx.context, key::Protocol::Simple, text.as_bytes(), &[], b"");
+        let decision = policy::decide(
+            analysis,
+            &ctx.catalog,
+            &ctx.schemas,
+            &self.database,
+            &cache.config,
+        )?;
+        let key = key::statement_key(
+            ctx.context,
+            key::Protocol::Simple,
+            text.as_bytes(),
+            &[],
+            b"",
+        );
         if let Some(entry) = cache.local.get(key) {
             if cache.generations.is_current(&entry.snapshot) {
                 // Served only with nothing in flight, so nothing is owed
                 // before it.
                 self.out.push_shared(entry.payload.clone());
                 self.push_local_ready();
-                tracing::trace!(outcome = Outcome::Hit.as_str(), "cache");
                 return Ok(None);
             }
             cache.local.remove(key);
         }
-        let snapshot = cache.generations.snapshot(ctx.catalog.database_oid, &decision.tables);
+        let snapshot = cache
+            .generations
+            .snapshot(ctx.catalog.database_oid, &decision.tables);
         Ok(Some(Box::new(Fill {
             key,
             snapshot,
@@ -211,23 +247,27 @@ impl Session {
     }
 
     pub(super) fn max_entry_size(&self) -> usize {
-        self.proxy.cache.as_ref().map_or(0, |c| c.config.max_entry_size)
+        self.proxy
+            .cache
+            .as_ref()
+            .map_or(0, |c| c.config.max_entry_size)
     }
 
     /// Stores a completed fill if nothing it read was written meanwhile.
-    pub(super) fn complete_fill(&self, fill: Box<Fill>) {
+    pub(super) fn complete_fill(&self, fill: Fill) {
         let Some(cache) = self.cache() else { return };
         if !cache.generations.is_current(&fill.snapshot) {
-            tracing::trace!("fill discarded: a write overtook it");
+            cache.stats.fills_discarded.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        cache.stats.fills.fetch_add(1, Ordering::Relaxed);
         let Fill {
             key,
             snapshot,
             ttl,
             payload,
             row_description,
-        } = *fill;
+        } = fill;
         cache.local.insert(
             key,
             Entry {
@@ -251,15 +291,16 @@ impl Session {
             return;
         }
         let Some(cache) = self.cache() else { return };
-        let catalog = cache.catalog(&self.pool.target).or_else(|| {
-            self.cache_state.context.as_ref().map(|c| c.catalog.clone())
-        });
+        let catalog = cache
+            .catalog(&self.pool.target)
+            .or_else(|| self.cache_state.context.as_ref().map(|c| c.catalog.clone()));
         let Some(catalog) = catalog else {
             // No catalog was ever loaded for this database, so nothing of it
             // is cached.
             return;
         };
         let database = catalog.database_oid;
+        cache.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         if writes.schema {
             cache.schema_changed(&self.pool.target, database);
             return;
@@ -274,7 +315,9 @@ impl Session {
         };
         let mut bumped = Vec::new();
         for name in &writes.tables {
-            let closure = catalog.resolve(name, &schemas).and_then(|oid| catalog.write_closure(oid));
+            let closure = catalog
+                .resolve(name, &schemas)
+                .and_then(|oid| catalog.write_closure(oid));
             match closure {
                 Some(tables) => bumped.extend(tables),
                 None => {
@@ -287,6 +330,7 @@ impl Session {
         }
         bumped.sort_unstable();
         bumped.dedup();
+        cache.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         cache.generations.bump(database, &bumped);
     }
 

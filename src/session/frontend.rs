@@ -189,7 +189,8 @@ impl Session {
         self.apply_effects(&effects);
         let mut fill = None;
         let mut writes = None;
-        if let (Some(cache), Some(text)) = (self.proxy.cache.clone(), msg::query_text(frame.body())) {
+        if let (Some(cache), Some(text)) = (self.proxy.cache.clone(), msg::query_text(frame.body()))
+        {
             let analysis = cache.analyze(text);
             self.note_unknown_effects(&analysis);
             writes = WriteSet::of(&analysis);
@@ -203,7 +204,8 @@ impl Session {
                 }
             }
         }
-        self.forward(frame, Some(Expect::Query { fill, writes }), false).await;
+        self.forward(frame, Some(Expect::Query { fill, writes }), false)
+            .await;
         Ok(())
     }
 
@@ -245,7 +247,8 @@ impl Session {
             None
         };
         self.prepare_for_write(&writes).await;
-        self.forward(frame, Some(Expect::Execute { writes, fill }), true).await;
+        self.forward(frame, Some(Expect::Execute { writes, fill }), true)
+            .await;
     }
 
     /// `DEALLOCATE name` of a protocol-level statement is pgstash's to
@@ -386,8 +389,14 @@ impl Session {
         match source.as_ref().and_then(|s| s.analysis.clone()) {
             Some(analysis) => {
                 if let Some(s) = &source {
-                    self.plan_portal_fill(bind.portal, &s.query, &s.param_types, bind.rest, &analysis)
-                        .await;
+                    self.plan_portal_fill(
+                        bind.portal,
+                        &s.query,
+                        &s.param_types,
+                        bind.rest,
+                        &analysis,
+                    )
+                    .await;
                 }
                 self.portal_analysis.insert(bind.portal.to_vec(), analysis);
             }
@@ -420,7 +429,8 @@ impl Session {
         };
         let Some(statement) = statement else {
             let capture = target.kind == b'P' && self.portal_fills.contains_key(target.name);
-            self.forward(frame, Some(Expect::Describe { capture }), true).await;
+            self.forward(frame, Some(Expect::Describe { capture }), true)
+                .await;
             return Ok(());
         };
         if !self.attach_or_fail(true).await {

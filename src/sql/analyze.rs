@@ -421,17 +421,20 @@ impl Visitor for Collector {
                 Some(name) => self.functions.push(name),
                 None => self.refuse(Reason::UnknownFunction),
             },
-            Expr::Cast { expr, data_type, .. } => {
+            Expr::Cast {
+                expr, data_type, ..
+            } => {
                 if let Expr::Value(value) = expr.as_ref() {
                     if is_temporal(&data_type.to_string()) && is_volatile_literal(&value.value) {
                         self.refuse(Reason::VolatileLiteral);
                     }
                 }
             }
-            Expr::TypedString(typed) => {
-                if is_temporal(&typed.data_type.to_string()) && is_volatile_literal(&typed.value.value) {
-                    self.refuse(Reason::VolatileLiteral);
-                }
+            Expr::TypedString(typed)
+                if is_temporal(&typed.data_type.to_string())
+                    && is_volatile_literal(&typed.value.value) =>
+            {
+                self.refuse(Reason::VolatileLiteral);
             }
             _ => {}
         }
@@ -451,7 +454,8 @@ impl Visitor for Collector {
                 true
             }
             Statement::Delete(delete) => {
-                let (FromTable::WithFromKeyword(tables) | FromTable::WithoutKeyword(tables)) = &delete.from;
+                let (FromTable::WithFromKeyword(tables) | FromTable::WithoutKeyword(tables)) =
+                    &delete.from;
                 for table in tables {
                     self.write_target(&table.relation);
                 }
@@ -504,7 +508,9 @@ pub fn parse_hints(sql: &str) -> Hints {
     let mut hints = Hints::default();
     let mut rest = sql;
     while let Some(start) = rest.find("/*") {
-        let Some(len) = rest[start + 2..].find("*/") else { break };
+        let Some(len) = rest[start + 2..].find("*/") else {
+            break;
+        };
         let body = rest[start + 2..start + 2 + len].trim();
         if let Some(directives) = body.strip_prefix("pgstash:") {
             for directive in directives.split([' ', ',']).filter(|d| !d.is_empty()) {
@@ -550,10 +556,16 @@ mod tests {
     #[test]
     fn writes_name_their_targets() {
         let cases = [
-            ("INSERT INTO a VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 2", "a"),
+            (
+                "INSERT INTO a VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 2",
+                "a",
+            ),
             ("UPDATE b SET v = 1 FROM c WHERE b.id = c.id", "b"),
             ("DELETE FROM d USING e WHERE d.id = e.id", "d"),
-            ("MERGE INTO f USING g ON f.id = g.id WHEN MATCHED THEN DELETE", "f"),
+            (
+                "MERGE INTO f USING g ON f.id = g.id WHEN MATCHED THEN DELETE",
+                "f",
+            ),
             ("TRUNCATE h", "h"),
             ("COPY i FROM STDIN", "i"),
             ("REFRESH MATERIALIZED VIEW j", "j"),
@@ -569,18 +581,33 @@ mod tests {
 
     #[test]
     fn uncacheable_reads_say_why() {
-        assert_eq!(analyze("SELECT * FROM t FOR UPDATE").not_cacheable, Some(Reason::Locking));
-        assert_eq!(analyze("SELECT 'now'::timestamptz").not_cacheable, Some(Reason::VolatileLiteral));
-        assert_eq!(analyze("SELECT 1; SELECT 2").not_cacheable, Some(Reason::MultiStatement));
+        assert_eq!(
+            analyze("SELECT * FROM t FOR UPDATE").not_cacheable,
+            Some(Reason::Locking)
+        );
+        assert_eq!(
+            analyze("SELECT 'now'::timestamptz").not_cacheable,
+            Some(Reason::VolatileLiteral)
+        );
+        assert_eq!(
+            analyze("SELECT 1; SELECT 2").not_cacheable,
+            Some(Reason::MultiStatement)
+        );
         assert_eq!(analyze("SELEKT 1").not_cacheable, Some(Reason::Unparsed));
-        assert_eq!(analyze("/* pgstash:nocache */ SELECT 1").not_cacheable, Some(Reason::Hint));
+        assert_eq!(
+            analyze("/* pgstash:nocache */ SELECT 1").not_cacheable,
+            Some(Reason::Hint)
+        );
         assert_eq!(analyze("SELECT * INTO t2 FROM t").class, Class::Ddl);
     }
 
     #[test]
     fn classes_of_other_statements() {
         assert_eq!(analyze("GRANT SELECT ON t TO bob").class, Class::Ddl);
-        assert_eq!(analyze("ALTER TABLE t ENABLE ROW LEVEL SECURITY").class, Class::Ddl);
+        assert_eq!(
+            analyze("ALTER TABLE t ENABLE ROW LEVEL SECURITY").class,
+            Class::Ddl
+        );
         assert_eq!(analyze("CALL p()").class, Class::Unknown);
         assert_eq!(analyze("DO $$ BEGIN END $$").class, Class::Unknown);
         assert_eq!(analyze("BEGIN").class, Class::Transaction);

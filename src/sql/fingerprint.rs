@@ -29,7 +29,10 @@ pub fn fingerprint(sql: &str) -> u128 {
         match b {
             b'\'' | b'"' => i = skip_quoted(bytes, i, b),
             b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                i = bytes[i..].iter().position(|&c| c == b'\n').map_or(bytes.len(), |p| i + p);
+                i = bytes[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(bytes.len(), |p| i + p);
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
                 i = bytes[i + 2..]
@@ -86,7 +89,9 @@ fn skip_quoted(bytes: &[u8], i: usize, quote: u8) -> usize {
 
 fn number_end(bytes: &[u8], i: usize) -> usize {
     let mut j = i;
-    while j < bytes.len() && (bytes[j].is_ascii_alphanumeric() || bytes[j] == b'.' || bytes[j] == b'_') {
+    while j < bytes.len()
+        && (bytes[j].is_ascii_alphanumeric() || bytes[j] == b'.' || bytes[j] == b'_')
+    {
         // 1e-5: the sign right after an exponent belongs to the number.
         if (bytes[j] == b'e' || bytes[j] == b'E') && matches!(bytes.get(j + 1), Some(b'-' | b'+')) {
             j += 1;
@@ -105,15 +110,24 @@ mod tests {
         let a = fingerprint("SELECT abalance FROM pgbench_accounts WHERE aid = 12;");
         let b = fingerprint("SELECT abalance FROM pgbench_accounts WHERE aid = 99812;");
         assert_eq!(a, b);
-        assert_ne!(fingerprint("SELECT * FROM t1"), fingerprint("SELECT * FROM t2"));
+        assert_ne!(
+            fingerprint("SELECT * FROM t1"),
+            fingerprint("SELECT * FROM t2")
+        );
         assert_ne!(fingerprint("SELECT 'a1'"), fingerprint("SELECT 'a2'"));
-        assert_ne!(fingerprint("SELECT \"c1\" FROM t"), fingerprint("SELECT \"c2\" FROM t"));
+        assert_ne!(
+            fingerprint("SELECT \"c1\" FROM t"),
+            fingerprint("SELECT \"c2\" FROM t")
+        );
         assert_ne!(
             fingerprint("SELECT 1 /* pgstash:ttl=1s */"),
             fingerprint("SELECT 1 /* pgstash:ttl=2s */")
         );
         assert_eq!(fingerprint("SELECT 1.5e-3"), fingerprint("SELECT 2"));
-        assert_ne!(fingerprint("SELECT 'now'::date"), fingerprint("SELECT 'x'::date"));
+        assert_ne!(
+            fingerprint("SELECT 'now'::date"),
+            fingerprint("SELECT 'x'::date")
+        );
         assert_ne!(fingerprint("SELECT $$1$$"), fingerprint("SELECT $$2$$"));
     }
 }

@@ -27,6 +27,7 @@ pub fn pg_port() -> u16 {
 
 pub struct TestProxy {
     pub addr: SocketAddr,
+    pub proxy: std::sync::Arc<Proxy>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<()>>,
 }
@@ -53,6 +54,7 @@ impl TestProxy {
         let listener = listener::bind(&config).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let proxy = Proxy::new(config);
+        let shared = proxy.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
             listener::run(listener, proxy, async {
@@ -62,6 +64,7 @@ impl TestProxy {
         });
         TestProxy {
             addr,
+            proxy: shared,
             shutdown: Some(tx),
             handle: Some(handle),
         }
