@@ -34,6 +34,9 @@ pub struct Config {
     /// On SIGTERM, in-flight transactions get this long to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz); empty
+    /// turns it off.
+    pub metrics_listen: String,
     /// Log format: "text" or "json".
     pub log_format: String,
     /// Default tracing filter, e.g. "info" or "pgstash=debug".
@@ -125,6 +128,7 @@ impl Default for Config {
             max_message_size: 256 * 1024 * 1024,
             startup_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
+            metrics_listen: String::new(),
             log_format: "text".into(),
             log_level: "info".into(),
             upstream: UpstreamConfig::default(),
@@ -265,6 +269,14 @@ impl Config {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return invalid(format!("listen = {:?} is not HOST:PORT", self.listen));
+        }
+        if !self.metrics_listen.is_empty()
+            && self.metrics_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return invalid(format!(
+                "metrics_listen = {:?} is not HOST:PORT",
+                self.metrics_listen
+            ));
         }
         if self.pool.size == 0 {
             return invalid("pool.size must be at least 1".into());

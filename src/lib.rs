@@ -9,6 +9,9 @@
 //! - [`session`]: one task per client: startup, then relaying frames.
 //! - [`upstream`]: authenticated server connections and their pools.
 //! - [`sql`]: what statements do to a session (settings, pinning).
+//! - [`cache`]: statement analysis, catalog knowledge, keys, the local
+//!   tier and invalidation by table generation.
+//! - [`admin`]: metrics and the HTTP endpoint.
 //! - [`auth`]: client authentication.
 //!
 //! # The path of a query
@@ -21,6 +24,7 @@
 //! answer back, frame for frame. When ReadyForQuery reports the server idle
 //! with nothing else in flight, the connection goes back to the pool.
 
+pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;

@@ -3,8 +3,8 @@
 //! then close what is left.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -25,6 +25,9 @@ pub struct Proxy {
     pub cache: Option<Arc<Cache>>,
     clients: AtomicUsize,
     next_client: AtomicU64,
+    draining: AtomicBool,
+    /// Where the HTTP endpoint listens, once bound.
+    pub metrics_addr: OnceLock<SocketAddr>,
 }
 
 impl Proxy {
@@ -40,6 +43,8 @@ impl Proxy {
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
             next_client: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+            metrics_addr: OnceLock::new(),
         })
     }
 
@@ -49,6 +54,24 @@ impl Proxy {
 
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Brings the gauges up to date before they are read.
+    pub fn refresh_gauges(&self) {
+        let (mut active, mut idle) = (0, 0);
+        for pool in self.pools.all() {
+            active += pool.active_count();
+            idle += pool.idle_count();
+        }
+        let (entries, bytes) = self
+            .cache
+            .as_ref()
+            .map_or((0, 0), |c| (c.local.entry_count(), c.local.weighted_size()));
+        crate::admin::metrics::set_gauges(self.client_count(), active, idle, entries, bytes);
     }
 
     pub fn next_client_id(&self) -> u64 {
@@ -80,6 +103,24 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     proxy.pools.spawn_maintenance();
+    crate::admin::metrics::install();
+    let http = if proxy.config.metrics_listen.is_empty() {
+        None
+    } else {
+        match TcpListener::bind(&proxy.config.metrics_listen).await {
+            Ok(l) => {
+                if let Ok(addr) = l.local_addr() {
+                    let _ = proxy.metrics_addr.set(addr);
+                    tracing::info!(%addr, "HTTP endpoint listening");
+                }
+                Some(tokio::spawn(crate::admin::http::serve(l, proxy.clone())))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, addr = %proxy.config.metrics_listen, "cannot bind the HTTP endpoint");
+                None
+            }
+        }
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
@@ -109,6 +150,7 @@ pub async fn run(
             _ = &mut shutdown => break,
         }
     }
+    proxy.draining.store(true, Ordering::Relaxed);
     drop(listener);
     let deadline = proxy.config.shutdown_timeout;
     tracing::info!(clients = sessions.len(), "shutting down: draining clients");
@@ -126,5 +168,8 @@ pub async fn run(
         while sessions.join_next().await.is_some() {}
     }
     proxy.pools.close_idle().await;
+    if let Some(http) = http {
+        http.abort();
+    }
     tracing::info!("shutdown complete");
 }

@@ -24,6 +24,9 @@ struct Cli {
     /// Client database and user names pass through to this server.
     #[arg(long)]
     upstream: Option<String>,
+    /// Address of the HTTP endpoint for /metrics, /healthz and /readyz.
+    #[arg(long)]
+    metrics: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -40,6 +43,9 @@ fn load(cli: &Cli) -> Result<Config, String> {
     let mut config = Config::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
     if let Some(listen) = &cli.listen {
         config.listen = listen.clone();
+    }
+    if let Some(metrics) = &cli.metrics {
+        config.metrics_listen = metrics.clone();
     }
     if let Some(url) = &cli.upstream {
         config.apply_upstream_url(url).map_err(|e| e.to_string())?;

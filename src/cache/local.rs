@@ -50,6 +50,15 @@ impl LocalTier {
                 u32::try_from(size).unwrap_or(u32::MAX)
             })
             .expire_after(PerEntryTtl)
+            .eviction_listener(|_key, _entry, cause| {
+                use moka::notification::RemovalCause;
+                crate::admin::metrics::eviction(match cause {
+                    RemovalCause::Size => "size",
+                    RemovalCause::Expired => "expired",
+                    RemovalCause::Replaced => "replaced",
+                    RemovalCause::Explicit => "explicit",
+                });
+            })
             .build();
         LocalTier { entries }
     }

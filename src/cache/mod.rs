@@ -7,6 +7,7 @@
 //! every table it read are the ones it was filled under.
 
 pub mod catalog;
+pub mod flight;
 pub mod generations;
 pub mod key;
 pub mod local;
@@ -57,12 +58,42 @@ pub struct CacheStats {
 
 impl CacheStats {
     pub fn count(&self, outcome: Outcome) {
-        let counter = match outcome {
-            Outcome::Hit => &self.hits,
-            Outcome::Miss => &self.misses,
-            Outcome::Bypass(_) => &self.bypasses,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let metrics = crate::admin::metrics::get();
+        match outcome {
+            Outcome::Hit => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                metrics.hits.increment(1);
+            }
+            Outcome::Miss => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                metrics.misses.increment(1);
+            }
+            Outcome::Bypass(reason) => {
+                self.bypasses.fetch_add(1, Ordering::Relaxed);
+                crate::admin::metrics::bypass(reason);
+            }
+        }
+    }
+
+    pub fn fill(&self, stored: bool) {
+        let metrics = crate::admin::metrics::get();
+        if stored {
+            self.fills.fetch_add(1, Ordering::Relaxed);
+            metrics.fills.increment(1);
+        } else {
+            self.fills_discarded.fetch_add(1, Ordering::Relaxed);
+            metrics.fills_discarded.increment(1);
+        }
+    }
+
+    pub fn invalidation(&self, whole_database: bool) {
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
+        let metrics = crate::admin::metrics::get();
+        if whole_database {
+            metrics.invalidations_database.increment(1);
+        } else {
+            metrics.invalidations_tables.increment(1);
+        }
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {
@@ -80,6 +111,7 @@ pub struct Cache {
     pub local: LocalTier,
     pub generations: Generations,
     pub stats: CacheStats,
+    pub flights: Arc<flight::Flights>,
     analyses: moka::sync::Cache<u128, Arc<Analysis>>,
     catalogs: RwLock<HashMap<Target, CatalogSlot>>,
 }
@@ -90,6 +122,7 @@ impl Cache {
             local: LocalTier::new(config.capacity_bytes),
             generations: Generations::default(),
             stats: CacheStats::default(),
+            flights: Arc::new(flight::Flights::default()),
             analyses: moka::sync::Cache::new(config.analysis_capacity),
             catalogs: RwLock::new(HashMap::new()),
             config,

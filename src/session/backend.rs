@@ -61,8 +61,14 @@ impl Session {
         self.capture_for_front(&frame);
         match frame.tag {
             msg::PARSE_COMPLETE => {
-                if let Some(Expect::Parse { shown, .. }) = self.pending.front() {
+                if let Some(Expect::Parse {
+                    shown, prepared, ..
+                }) = self.pending.front()
+                {
                     let shown = *shown;
+                    if let Some(id) = prepared {
+                        self.pool.remember_statement(*id);
+                    }
                     self.pending.pop_front();
                     if !shown {
                         return;
@@ -118,6 +124,13 @@ impl Session {
                     self.undo(expect);
                 }
                 self.tx_status = status;
+                if self.pending.is_empty() {
+                    if let Some(since) = self.upstream_since.take() {
+                        crate::admin::metrics::get()
+                            .upstream_duration
+                            .record(since.elapsed());
+                    }
+                }
                 // Before the client hears the transaction is over.
                 self.on_transaction_boundary(status);
             }

@@ -41,6 +41,7 @@ impl Session {
         let Some(batch_len) = batch_length(&self.client_buf) else {
             return Ok(false);
         };
+        let started = std::time::Instant::now();
         if self.cache_context().await.is_err() {
             return Ok(false);
         }
@@ -60,6 +61,9 @@ impl Session {
                     self.out.push_shared(chunk);
                 }
                 self.push_local_ready();
+                crate::admin::metrics::get()
+                    .hit_duration
+                    .record(started.elapsed());
                 Ok(true)
             }
             None => {
@@ -95,7 +99,11 @@ impl Session {
                 Some(parse) => {
                     let analysis = cache.analyze(std::str::from_utf8(parse.query).ok()?);
                     if parse.name.is_empty() {
-                        unnamed = Some(Arc::new(new_statement(parse, analysis.clone())));
+                        unnamed = Some(Arc::new(new_statement(
+                            parse,
+                            analysis.clone(),
+                            self.search_path(),
+                        )));
                     } else {
                         if self.statements.contains_key(parse.name)
                             || new_statements.iter().any(|(n, _)| n == parse.name)
@@ -104,7 +112,7 @@ impl Session {
                         }
                         new_statements.push((
                             parse.name.to_vec(),
-                            Arc::new(new_statement(parse, analysis.clone())),
+                            Arc::new(new_statement(parse, analysis.clone(), self.search_path())),
                         ));
                     }
                     response.push(Bytes::from_static(b"1\0\0\0\x04"));
@@ -220,12 +228,13 @@ impl Session {
             ttl: planned.decision.ttl,
             payload: BytesMut::new(),
             row_description: None,
+            leader: None,
         }))
     }
 }
 
-fn new_statement(parse: &Parse<'_>, analysis: Arc<Analysis>) -> Statement {
-    let id = super::frontend::statement_id(parse);
+fn new_statement(parse: &Parse<'_>, analysis: Arc<Analysis>, search_path: &str) -> Statement {
+    let id = super::frontend::statement_id(parse, search_path);
     Statement {
         id,
         server_name: format!("pgstash_{id:032x}").into_bytes(),

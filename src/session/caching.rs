@@ -9,13 +9,13 @@
 //! ReadyForQuery reaches the client: any read that starts after the client
 //! learns of the commit sees the new generations.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
 use super::Session;
 use crate::cache::catalog::Catalog;
+use crate::cache::flight::Leader;
 use crate::cache::generations::Snapshot;
 use crate::cache::local::Entry;
 use crate::cache::{key, policy, Cache, Outcome};
@@ -30,6 +30,8 @@ pub struct Fill {
     pub ttl: std::time::Duration,
     pub payload: BytesMut,
     pub row_description: Option<Bytes>,
+    /// Present when this fill leads its key's single flight.
+    pub leader: Option<Leader>,
 }
 
 /// What a statement's execution may have changed.
@@ -224,26 +226,42 @@ impl Session {
             &[],
             b"",
         );
-        if let Some(entry) = cache.local.get(key) {
-            if cache.generations.is_current(&entry.snapshot) {
-                // Served only with nothing in flight, so nothing is owed
-                // before it.
-                self.out.push_shared(entry.payload.clone());
-                self.push_local_ready();
-                return Ok(None);
-            }
-            cache.local.remove(key);
+        let database = ctx.catalog.database_oid;
+        if self.serve_simple_hit(&cache, key) {
+            return Ok(None);
         }
-        let snapshot = cache
-            .generations
-            .snapshot(ctx.catalog.database_oid, &decision.tables);
+        let leader = cache
+            .flights
+            .lead_or_wait(key, cache.config.single_flight_timeout)
+            .await;
+        if leader.is_none() && self.serve_simple_hit(&cache, key) {
+            return Ok(None);
+        }
+        let snapshot = cache.generations.snapshot(database, &decision.tables);
         Ok(Some(Box::new(Fill {
             key,
             snapshot,
             ttl: decision.ttl,
             payload: BytesMut::new(),
             row_description: None,
+            leader,
         })))
+    }
+
+    /// Writes a stored result and ReadyForQuery if `key` holds a current
+    /// entry. Served only with nothing in flight, so nothing is owed before
+    /// it.
+    fn serve_simple_hit(&mut self, cache: &Cache, key: u128) -> bool {
+        let Some(entry) = cache.local.get(key) else {
+            return false;
+        };
+        if !cache.generations.is_current(&entry.snapshot) {
+            cache.local.remove(key);
+            return false;
+        }
+        self.out.push_shared(entry.payload.clone());
+        self.push_local_ready();
+        true
     }
 
     pub(super) fn max_entry_size(&self) -> usize {
@@ -256,17 +274,18 @@ impl Session {
     /// Stores a completed fill if nothing it read was written meanwhile.
     pub(super) fn complete_fill(&self, fill: Fill) {
         let Some(cache) = self.cache() else { return };
-        if !cache.generations.is_current(&fill.snapshot) {
-            cache.stats.fills_discarded.fetch_add(1, Ordering::Relaxed);
+        let current = cache.generations.is_current(&fill.snapshot);
+        cache.stats.fill(current);
+        if !current {
             return;
         }
-        cache.stats.fills.fetch_add(1, Ordering::Relaxed);
         let Fill {
             key,
             snapshot,
             ttl,
             payload,
             row_description,
+            leader,
         } = fill;
         cache.local.insert(
             key,
@@ -277,6 +296,8 @@ impl Session {
                 ttl,
             },
         );
+        // Followers look again only once the entry is in place.
+        drop(leader);
     }
 
     /// Called for each ReadyForQuery before it is forwarded: a transaction
@@ -300,9 +321,12 @@ impl Session {
             return;
         };
         let database = catalog.database_oid;
-        cache.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        if writes.schema || writes.everything {
+            cache.stats.invalidation(true);
+        }
         if writes.schema {
             cache.schema_changed(&self.pool.target, database);
+            self.pool.forget_statements();
             return;
         }
         if writes.everything {
@@ -330,7 +354,7 @@ impl Session {
         }
         bumped.sort_unstable();
         bumped.dedup();
-        cache.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        cache.stats.invalidation(false);
         cache.generations.bump(database, &bumped);
     }
 

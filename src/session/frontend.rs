@@ -60,6 +60,9 @@ impl Session {
             return Ok(());
         }
         let data = self.server_out.split();
+        if self.upstream_since.is_none() {
+            self.upstream_since = Some(std::time::Instant::now());
+        }
         let Some(server) = self.server.as_mut() else {
             return Ok(());
         };
@@ -197,8 +200,14 @@ impl Session {
             if writes.is_some() {
                 self.prepare_for_write(&writes).await;
             } else {
+                let started = std::time::Instant::now();
                 match self.simple_query_lookup(text, &analysis).await {
-                    Ok(None) => return Ok(()),
+                    Ok(None) => {
+                        crate::admin::metrics::get()
+                            .hit_duration
+                            .record(started.elapsed());
+                        return Ok(());
+                    }
                     Ok(Some(f)) => fill = Some(f),
                     Err(reason) => tracing::trace!(outcome = reason.as_str(), "cache bypass"),
                 }
@@ -320,7 +329,7 @@ impl Session {
             self.discard_until_sync = true;
             return Ok(());
         }
-        let id = statement_id(&parse);
+        let id = statement_id(&parse, self.search_path());
         let statement = Arc::new(Statement {
             id,
             server_name: format!("pgstash_{id:032x}").into_bytes(),
@@ -330,6 +339,18 @@ impl Session {
             analysis,
         });
         self.apply_effects(&statement.effects);
+        if self.server.is_none() && self.pending.is_empty() && self.pool.is_known_statement(id) {
+            // Postgres has accepted this exact statement before: answer
+            // without taking a server. It is prepared lazily wherever the
+            // client's Bind lands. Clients that prepare with a blocking call
+            // (pgbench) would otherwise wait for a server held by their own
+            // thread's open transactions.
+            self.statements.insert(parse.name.to_vec(), statement);
+            let mut out = BytesMut::new();
+            msg::empty_message(&mut out, msg::PARSE_COMPLETE);
+            self.push_local(out);
+            return Ok(());
+        }
         if !self.attach_or_fail(true).await {
             return Ok(());
         }
@@ -473,8 +494,14 @@ impl Session {
 
 /// The shared identity of a statement: same text and parameter types from
 /// any client means the same server-side statement.
-pub(super) fn statement_id(parse: &Parse<'_>) -> u128 {
+///
+/// The search_path is part of it: Postgres resolves a statement's tables
+/// when it is prepared, so one text prepared under two paths is two
+/// statements.
+pub(super) fn statement_id(parse: &Parse<'_>, search_path: &str) -> u128 {
     let mut hasher = Xxh3::new();
+    hasher.update(&(search_path.len() as u64).to_be_bytes());
+    hasher.update(search_path.as_bytes());
     hasher.update(parse.query);
     hasher.update(&[0]);
     for oid in &parse.param_types {

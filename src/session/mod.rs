@@ -160,6 +160,8 @@ pub struct Session {
     /// The batch being received started with nothing in flight, outside a
     /// transaction, and has run only cacheable reads so far.
     batch_clean: bool,
+    /// When the oldest request now in flight was written upstream.
+    upstream_since: Option<std::time::Instant>,
     /// The server is in COPY FROM STDIN and ignores Sync until the client
     /// sends CopyDone or CopyFail.
     copy_in: bool,
@@ -260,6 +262,14 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The client's search_path as set in its session ("" for the default).
+    fn search_path(&self) -> &str {
+        self.settings
+            .current
+            .get("search_path")
+            .map_or("", String::as_str)
     }
 
     fn is_between_transactions(&self) -> bool {

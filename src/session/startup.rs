@@ -204,6 +204,7 @@ async fn start_session(
         unnamed: None,
         portal_fills: HashMap::new(),
         batch_clean: false,
+        upstream_since: None,
         portal_analysis: HashMap::new(),
         copy_in: false,
     };

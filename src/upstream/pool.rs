@@ -6,7 +6,7 @@
 //! client's wait deadline, and a run of failures opens a circuit that fails
 //! clients fast until a probe connection succeeds again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -60,6 +60,8 @@ pub struct Pool {
     /// ParameterStatus values from the latest login, replayed to clients at
     /// their startup.
     server_params: Mutex<Vec<(String, String)>>,
+    /// Statements Postgres has accepted on some connection of this pool.
+    known_statements: Mutex<HashSet<u128>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -167,6 +169,34 @@ impl Pool {
         *circuit = Circuit::default();
         drop(circuit);
         *self.server_params.lock().unwrap_or_else(|e| e.into_inner()) = conn.startup_params.clone();
+    }
+
+    pub fn is_known_statement(&self, id: u128) -> bool {
+        self.known_statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+    }
+
+    pub fn remember_statement(&self, id: u128) {
+        let mut known = self
+            .known_statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Bounded: an application generating endless distinct statements
+        // only loses the shortcut, never correctness.
+        if known.len() >= 100_000 {
+            known.clear();
+        }
+        known.insert(id);
+    }
+
+    /// After DDL a statement that was valid may not be any more.
+    pub fn forget_statements(&self) {
+        self.known_statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     pub fn server_params(&self) -> Vec<(String, String)> {
@@ -303,6 +333,7 @@ impl PoolSet {
                     idle: Mutex::new(Vec::new()),
                     circuit: Mutex::new(Circuit::default()),
                     server_params: Mutex::new(Vec::new()),
+                    known_statements: Mutex::new(HashSet::new()),
                     next_id: self.next_id.clone(),
                 })
             })

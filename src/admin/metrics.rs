@@ -1,0 +1,104 @@
+//! Metric names and the handles the hot path uses. Names are part of the
+//! interface (dashboards and alerts use them): change none.
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `pgstash_cache_lookups_total` | counter | `outcome` = hit, miss, bypass |
+//! | `pgstash_cache_bypass_total` | counter | `reason` |
+//! | `pgstash_cache_fills_total` | counter | |
+//! | `pgstash_cache_fills_discarded_total` | counter | |
+//! | `pgstash_cache_invalidations_total` | counter | `scope` = tables, database |
+//! | `pgstash_cache_evictions_total` | counter | `cause` = size, expired, replaced, explicit |
+//! | `pgstash_cache_entries` | gauge | |
+//! | `pgstash_cache_bytes` | gauge | |
+//! | `pgstash_cache_hit_duration_seconds` | histogram | |
+//! | `pgstash_upstream_duration_seconds` | histogram | |
+//! | `pgstash_clients` | gauge | |
+//! | `pgstash_server_connections` | gauge | `state` = active, idle |
+
+use std::sync::OnceLock;
+
+use metrics::{counter, gauge, histogram, Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::sql::analyze::Reason;
+
+/// Seconds; from a few microseconds (a hit) to seconds (a slow query).
+const DURATION_BUCKETS: [f64; 16] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 1.0, 5.0,
+];
+
+/// Handles for the metrics recorded on every query.
+pub struct Metrics {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub bypasses: Counter,
+    pub fills: Counter,
+    pub fills_discarded: Counter,
+    pub invalidations_tables: Counter,
+    pub invalidations_database: Counter,
+    pub hit_duration: Histogram,
+    pub upstream_duration: Histogram,
+}
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process. Tests that start
+/// several proxies in one process share it.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("duration_seconds".into()),
+                    &DURATION_BUCKETS,
+                )
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// The handles; the recorder is installed first so they are live.
+pub fn get() -> &'static Metrics {
+    METRICS.get_or_init(|| {
+        install();
+        Metrics {
+            hits: counter!("pgstash_cache_lookups_total", "outcome" => "hit"),
+            misses: counter!("pgstash_cache_lookups_total", "outcome" => "miss"),
+            bypasses: counter!("pgstash_cache_lookups_total", "outcome" => "bypass"),
+            fills: counter!("pgstash_cache_fills_total"),
+            fills_discarded: counter!("pgstash_cache_fills_discarded_total"),
+            invalidations_tables: counter!("pgstash_cache_invalidations_total", "scope" => "tables"),
+            invalidations_database: counter!("pgstash_cache_invalidations_total", "scope" => "database"),
+            hit_duration: histogram!("pgstash_cache_hit_duration_seconds"),
+            upstream_duration: histogram!("pgstash_upstream_duration_seconds"),
+        }
+    })
+}
+
+pub fn bypass(reason: Reason) {
+    let m = get();
+    m.bypasses.increment(1);
+    counter!("pgstash_cache_bypass_total", "reason" => reason.as_str()).increment(1);
+}
+
+pub fn eviction(cause: &'static str) {
+    counter!("pgstash_cache_evictions_total", "cause" => cause).increment(1);
+}
+
+pub fn set_gauges(clients: usize, active: usize, idle: usize, entries: u64, bytes: u64) {
+    gauge!("pgstash_clients").set(clients as f64);
+    gauge!("pgstash_server_connections", "state" => "active").set(active as f64);
+    gauge!("pgstash_server_connections", "state" => "idle").set(idle as f64);
+    gauge!("pgstash_cache_entries").set(entries as f64);
+    gauge!("pgstash_cache_bytes").set(bytes as f64);
+}

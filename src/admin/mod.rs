@@ -1,0 +1,4 @@
+//! Operating pgstash: metrics and the HTTP endpoint that serves them.
+
+pub mod http;
+pub mod metrics;
