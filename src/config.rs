@@ -44,6 +44,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub pool: PoolConfig,
     pub cache: CacheConfig,
+    pub redis: RedisConfig,
     /// Client database name → upstream database.
     pub databases: BTreeMap<String, DatabaseConfig>,
     /// User name → upstream credentials.
@@ -134,6 +135,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             pool: PoolConfig::default(),
             cache: CacheConfig::default(),
+            redis: RedisConfig::default(),
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
         }
@@ -223,6 +225,53 @@ impl Default for CacheConfig {
     }
 }
 
+/// The shared tier and invalidation bus.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS).
+    /// Several URLs separated by commas with `cluster = true` name the
+    /// seed nodes of a Redis Cluster. Empty: no shared tier, and
+    /// invalidation stays within this process.
+    pub url: String,
+    pub cluster: bool,
+    /// Prefix of every key and of the invalidation channel.
+    pub prefix: String,
+    /// A Redis command slower than this counts as a failure.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Consecutive failures that open the circuit; while open, Redis is not
+    /// asked and costs nothing.
+    pub circuit_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub circuit_open_for: Duration,
+    /// While Redis is unreachable: "pass-through" (no caching; nothing can
+    /// go stale) or "local" (the local tier keeps serving with
+    /// `degraded_ttl`, so writes through other pods may be missed for that
+    /// long).
+    pub on_failure: String,
+    #[serde(with = "humantime_serde")]
+    pub degraded_ttl: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            cluster: false,
+            prefix: "pgstash:".into(),
+            timeout: Duration::from_millis(25),
+            connect_timeout: Duration::from_millis(500),
+            circuit_failures: 3,
+            circuit_open_for: Duration::from_secs(2),
+            on_failure: "pass-through".into(),
+            degraded_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
 /// Where a client's (database, user) pair goes upstream.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
@@ -276,6 +325,12 @@ impl Config {
             return invalid(format!(
                 "metrics_listen = {:?} is not HOST:PORT",
                 self.metrics_listen
+            ));
+        }
+        if !matches!(self.redis.on_failure.as_str(), "pass-through" | "local") {
+            return invalid(format!(
+                "redis.on_failure = {:?}: expected \"pass-through\" or \"local\"",
+                self.redis.on_failure
             ));
         }
         if self.pool.size == 0 {
@@ -369,6 +424,12 @@ impl Config {
             }
         };
         mask(&mut masked.upstream.password);
+        if let Ok(mut url) = url::Url::parse(&masked.redis.url) {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("********"));
+                masked.redis.url = url.to_string();
+            }
+        }
         for user in masked.users.values_mut() {
             mask(&mut user.password);
         }

@@ -35,7 +35,7 @@ impl Proxy {
         let cache = config
             .cache
             .enabled
-            .then(|| Arc::new(Cache::new(config.cache.clone())));
+            .then(|| Arc::new(Cache::new(config.cache.clone(), config.redis.clone())));
         Arc::new(Proxy {
             cache,
             config: Arc::new(config),

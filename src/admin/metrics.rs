@@ -13,6 +13,13 @@
 //! | `pgstash_cache_bytes` | gauge | |
 //! | `pgstash_cache_hit_duration_seconds` | histogram | |
 //! | `pgstash_upstream_duration_seconds` | histogram | |
+//! | `pgstash_cache_hits_total` | counter | `tier` = local, redis |
+//! | `pgstash_redis_up` | gauge | |
+//! | `pgstash_redis_duration_seconds` | histogram | |
+//! | `pgstash_redis_errors_total` | counter | |
+//! | `pgstash_redis_corrupt_total` | counter | |
+//! | `pgstash_bus_messages_total` | counter | `direction` = sent, received |
+//! | `pgstash_bus_delay_seconds` | histogram | |
 //! | `pgstash_clients` | gauge | |
 //! | `pgstash_server_connections` | gauge | `state` = active, idle |
 
@@ -51,10 +58,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Suffix("duration_seconds".into()),
-                    &DURATION_BUCKETS,
-                )
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &DURATION_BUCKETS)
                 .ok()?;
             match builder.install_recorder() {
                 Ok(handle) => Some(handle),
@@ -83,6 +87,34 @@ pub fn get() -> &'static Metrics {
             upstream_duration: histogram!("pgstash_upstream_duration_seconds"),
         }
     })
+}
+
+pub fn tier_hit(tier: &'static str) {
+    counter!("pgstash_cache_hits_total", "tier" => tier).increment(1);
+}
+
+pub fn redis_up(up: bool) {
+    gauge!("pgstash_redis_up").set(if up { 1.0 } else { 0.0 });
+    if !up {
+        counter!("pgstash_redis_errors_total").increment(1);
+    }
+}
+
+pub fn redis_latency(elapsed: std::time::Duration) {
+    histogram!("pgstash_redis_duration_seconds").record(elapsed);
+}
+
+pub fn redis_corrupt() {
+    counter!("pgstash_redis_corrupt_total").increment(1);
+}
+
+pub fn bus_message(direction: &'static str) {
+    counter!("pgstash_bus_messages_total", "direction" => direction).increment(1);
+}
+
+/// Time from a write's bump in another pgstash to its arrival here.
+pub fn bus_delay(delay: std::time::Duration) {
+    histogram!("pgstash_bus_delay_seconds").record(delay);
 }
 
 pub fn bypass(reason: Reason) {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 /// The table id standing for the whole database.
-const EPOCH: u32 = 0;
+pub const EPOCH: u32 = 0;
 
 /// Generations a result was filled under: the database epoch, then each
 /// table it read.
@@ -58,6 +58,42 @@ impl Generations {
                 self.clock.fetch_add(1, Ordering::Relaxed) + 1,
             );
         }
+    }
+
+    /// The snapshot from local values only if every one of them is known
+    /// (with Redis, an unknown generation must be read from Redis).
+    pub fn known(&self, database: u32, tables: &[u32]) -> Option<Snapshot> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let epoch = *current.get(&(database, EPOCH))?;
+        let tables = tables
+            .iter()
+            .map(|&t| current.get(&(database, t)).map(|&g| (t, g)))
+            .collect::<Option<_>>()?;
+        Some(Snapshot {
+            database,
+            epoch,
+            tables,
+        })
+    }
+
+    /// Records authoritative values (from Redis). Generations only move
+    /// forward, so a late or repeated message changes nothing.
+    pub fn observe(&self, database: u32, values: &[(u32, u64)]) {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        for &(t, g) in values {
+            let slot = current.entry((database, t)).or_insert(0);
+            *slot = (*slot).max(g);
+        }
+    }
+
+    /// Every (database, table) held, for re-reading after the bus was lost.
+    pub fn held(&self) -> Vec<(u32, u32)> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
     }
 
     /// Makes everything cached for `database` unreachable.

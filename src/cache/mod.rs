@@ -6,23 +6,27 @@
 //! answer's bytes, and an entry is valid only while the generations of
 //! every table it read are the ones it was filled under.
 
+pub mod bus;
 pub mod catalog;
 pub mod flight;
 pub mod generations;
 pub mod key;
 pub mod local;
 pub mod policy;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::config::{CacheConfig, Target};
+use crate::config::{CacheConfig, RedisConfig, Target};
 use crate::sql::analyze::{analyze, Analysis, Reason};
 use crate::sql::fingerprint::fingerprint;
 use catalog::Catalog;
 use generations::Generations;
-use local::LocalTier;
+use generations::Snapshot;
+use local::{Entry, LocalTier};
+use shared::{SharedTier, StoredResult};
 
 /// What the cache did with one statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +113,9 @@ struct CatalogSlot {
 pub struct Cache {
     pub config: CacheConfig,
     pub local: LocalTier,
-    pub generations: Generations,
+    pub generations: Arc<Generations>,
+    /// The Redis tier and bus, when configured.
+    pub shared: Option<Arc<SharedTier>>,
     pub stats: CacheStats,
     pub flights: Arc<flight::Flights>,
     analyses: moka::sync::Cache<u128, Arc<Analysis>>,
@@ -117,16 +123,138 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn new(config: CacheConfig) -> Cache {
+    /// Creates the cache; with a Redis URL, also starts following the
+    /// invalidation bus (so it must be called inside the runtime).
+    pub fn new(config: CacheConfig, redis: RedisConfig) -> Cache {
+        let generations = Arc::new(Generations::default());
+        let shared = (!redis.url.is_empty()).then(|| SharedTier::new(redis));
+        if let Some(shared) = &shared {
+            bus::spawn(shared.clone(), Arc::downgrade(&generations));
+        }
         Cache {
             local: LocalTier::new(config.capacity_bytes),
-            generations: Generations::default(),
+            generations,
+            shared,
             stats: CacheStats::default(),
             flights: Arc::new(flight::Flights::default()),
             analyses: moka::sync::Cache::new(config.analysis_capacity),
             catalogs: RwLock::new(HashMap::new()),
             config,
         }
+    }
+
+    /// Whether local entries may be served: always without Redis; with it,
+    /// only while the bus is known to deliver every bump (or when the
+    /// operator chose the local tier as the fallback).
+    pub fn local_trusted(&self) -> bool {
+        match &self.shared {
+            None => true,
+            Some(shared) => {
+                shared.bus_healthy.load(Ordering::SeqCst) || shared.config().on_failure == "local"
+            }
+        }
+    }
+
+    /// The generations a decision is made under: the local mirror when it
+    /// is trustworthy and complete, otherwise read from Redis.
+    pub async fn snapshot(&self, database: u32, tables: &[u32]) -> Result<Snapshot, Reason> {
+        let Some(shared) = &self.shared else {
+            return Ok(self.generations.snapshot(database, tables));
+        };
+        if shared.bus_healthy.load(Ordering::SeqCst) {
+            if let Some(snapshot) = self.generations.known(database, tables) {
+                return Ok(snapshot);
+            }
+        }
+        let mut keys = Vec::with_capacity(tables.len() + 1);
+        keys.push(generations::EPOCH);
+        keys.extend_from_slice(tables);
+        match shared.generations(database, &keys).await {
+            Ok(values) => {
+                let pairs: Vec<(u32, u64)> =
+                    keys.iter().copied().zip(values.iter().copied()).collect();
+                self.generations.observe(database, &pairs);
+                Ok(Snapshot {
+                    database,
+                    epoch: values[0],
+                    tables: pairs[1..].into(),
+                })
+            }
+            Err(_) if shared.config().on_failure == "local" => {
+                Ok(self.generations.snapshot(database, tables))
+            }
+            Err(_) => Err(Reason::SharedTierDown),
+        }
+    }
+
+    /// Publishes a write: moves generations (in Redis and locally) before
+    /// the writer's client hears of the commit.
+    pub async fn publish(&self, database: u32, tables: &[u32], whole_database: bool) {
+        let keys: Vec<u32> = if whole_database {
+            vec![generations::EPOCH]
+        } else {
+            tables.to_vec()
+        };
+        let Some(shared) = &self.shared else {
+            self.generations.bump(database, &keys);
+            return;
+        };
+        match shared.bump(database, &keys).await {
+            Ok(values) => {
+                let pairs: Vec<(u32, u64)> = keys.iter().copied().zip(values).collect();
+                self.generations.observe(database, &pairs);
+            }
+            Err(e) => {
+                // Other pgstash instances cannot be told; this one at least
+                // forgets what the write may have changed.
+                tracing::warn!(error = %e, "cannot publish a write to redis; local tier flushed");
+                self.local.clear();
+            }
+        }
+    }
+
+    /// Stores a completed fill: with Redis, only after checking the
+    /// authoritative generations, then in both tiers. `leader` is released
+    /// once the entry is in place.
+    pub fn store_fill(
+        self: &Arc<Self>,
+        key: u128,
+        snapshot: Snapshot,
+        stored: StoredResult,
+        ttl: std::time::Duration,
+        leader: Option<flight::Leader>,
+    ) {
+        let Some(shared) = self.shared.clone() else {
+            let current = self.generations.is_current(&snapshot);
+            self.stats.fill(current);
+            if current {
+                self.local.insert(key, entry(snapshot, stored, ttl));
+            }
+            drop(leader);
+            return;
+        };
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let mut keys = vec![generations::EPOCH];
+            keys.extend(snapshot.tables.iter().map(|&(t, _)| t));
+            let current = match shared.generations(snapshot.database, &keys).await {
+                Ok(values) => {
+                    values[0] == snapshot.epoch
+                        && values[1..]
+                            .iter()
+                            .zip(snapshot.tables.iter())
+                            .all(|(v, (_, g))| v == g)
+                }
+                Err(_) => false,
+            };
+            cache.stats.fill(current);
+            if !current {
+                return;
+            }
+            let _ = shared.put(key, &snapshot, &stored, ttl).await;
+            cache.local.insert(key, entry(snapshot, stored, ttl));
+            drop(leader);
+        });
     }
 
     /// The analysis of `sql`, parsed once per statement shape.
@@ -168,9 +296,9 @@ impl Cache {
     /// and everything cached for the database becomes unreachable. The
     /// order matters: a reader that sees the new epoch must not decide with
     /// the old catalog.
-    pub fn schema_changed(&self, target: &Target, database_oid: u32) {
+    pub async fn schema_changed(&self, target: &Target, database_oid: u32) {
         self.mark_catalog_stale(target);
-        self.generations.bump_database(database_oid);
+        self.publish(database_oid, &[], true).await;
     }
 
     pub fn mark_catalog_stale(&self, target: &Target) {
@@ -178,6 +306,15 @@ impl Cache {
         if let Some(slot) = catalogs.get_mut(&database_of(target)) {
             slot.stale = true;
         }
+    }
+}
+
+fn entry(snapshot: Snapshot, stored: StoredResult, ttl: std::time::Duration) -> Entry {
+    Entry {
+        snapshot,
+        payload: stored.payload,
+        row_description: stored.row_description,
+        ttl,
     }
 }
 

@@ -11,7 +11,7 @@ impl Session {
     pub(super) async fn on_server_input(&mut self) -> Result<(), SessionError> {
         while let Some(server) = self.server.as_mut() {
             match server.next_buffered_frame() {
-                Ok(Some(frame)) => self.on_server_frame(frame),
+                Ok(Some(frame)) => self.on_server_frame(frame).await,
                 Ok(None) => break,
                 Err(e) => {
                     self.on_server_lost(e).await?;
@@ -55,7 +55,7 @@ impl Session {
         }
     }
 
-    fn on_server_frame(&mut self, frame: Frame) {
+    async fn on_server_frame(&mut self, frame: Frame) {
         self.drain_local();
         tracing::trace!(tag = %(frame.tag as char), pending = ?self.pending, "server frame");
         self.capture_for_front(&frame);
@@ -132,7 +132,7 @@ impl Session {
                     }
                 }
                 // Before the client hears the transaction is over.
-                self.on_transaction_boundary(status);
+                self.on_transaction_boundary(status).await;
             }
             msg::PARAMETER_STATUS => {
                 if let Some((name, value)) = msg::parameter_status_fields(frame.body()) {

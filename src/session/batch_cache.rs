@@ -38,6 +38,9 @@ impl Session {
         if self.discard_until_sync || self.cache_usable().is_err() {
             return Ok(false);
         }
+        if !self.proxy.cache.as_ref().is_some_and(|c| c.local_trusted()) {
+            return Ok(false);
+        }
         let Some(batch_len) = batch_length(&self.client_buf) else {
             return Ok(false);
         };
@@ -208,7 +211,7 @@ impl Session {
     }
 
     /// On Execute: the fill for this portal, if its result may be stored.
-    pub(super) fn fill_for_execute(&mut self, body: &[u8]) -> Option<Box<Fill>> {
+    pub(super) async fn fill_for_execute(&mut self, body: &[u8]) -> Option<Box<Fill>> {
         let mut rest = body;
         let portal = get_cstr(&mut rest)?;
         let max_rows = get_i32(&mut rest)?;
@@ -216,12 +219,13 @@ impl Session {
         if max_rows != 0 || !self.batch_clean {
             return None;
         }
-        let cache = self.proxy.cache.as_ref()?;
-        let ctx = self.cache_state.context.as_ref()?;
+        let cache = self.proxy.cache.clone()?;
+        let database = self.cache_state.context.as_ref()?.catalog.database_oid;
         cache.stats.count(crate::cache::Outcome::Miss);
         let snapshot = cache
-            .generations
-            .snapshot(ctx.catalog.database_oid, &planned.decision.tables);
+            .snapshot(database, &planned.decision.tables)
+            .await
+            .ok()?;
         Some(Box::new(Fill {
             key: planned.key,
             snapshot,

@@ -18,6 +18,7 @@ use crate::cache::catalog::Catalog;
 use crate::cache::flight::Leader;
 use crate::cache::generations::Snapshot;
 use crate::cache::local::Entry;
+use crate::cache::shared::StoredResult;
 use crate::cache::{key, policy, Cache, Outcome};
 use crate::protocol::messages as msg;
 use crate::sql::analyze::{Analysis, Class, Name, Reason};
@@ -227,17 +228,18 @@ impl Session {
             b"",
         );
         let database = ctx.catalog.database_oid;
-        if self.serve_simple_hit(&cache, key) {
+        let tables = decision.tables.clone();
+        let snapshot = cache.snapshot(database, &tables).await?;
+        if self.serve_hit(&cache, key, &snapshot, &decision).await {
             return Ok(None);
         }
         let leader = cache
             .flights
             .lead_or_wait(key, cache.config.single_flight_timeout)
             .await;
-        if leader.is_none() && self.serve_simple_hit(&cache, key) {
+        if leader.is_none() && self.serve_hit(&cache, key, &snapshot, &decision).await {
             return Ok(None);
         }
-        let snapshot = cache.generations.snapshot(database, &decision.tables);
         Ok(Some(Box::new(Fill {
             key,
             snapshot,
@@ -248,19 +250,46 @@ impl Session {
         })))
     }
 
-    /// Writes a stored result and ReadyForQuery if `key` holds a current
-    /// entry. Served only with nothing in flight, so nothing is owed before
-    /// it.
-    fn serve_simple_hit(&mut self, cache: &Cache, key: u128) -> bool {
-        let Some(entry) = cache.local.get(key) else {
+    /// Writes a stored result and ReadyForQuery if the local tier (when it
+    /// can be trusted) or Redis holds a current entry for `key`. Served
+    /// only with nothing in flight, so nothing is owed before it.
+    async fn serve_hit(
+        &mut self,
+        cache: &Arc<Cache>,
+        key: u128,
+        snapshot: &Snapshot,
+        decision: &policy::Decision,
+    ) -> bool {
+        if cache.local_trusted() {
+            if let Some(entry) = cache.local.get(key) {
+                if entry.snapshot == *snapshot && cache.generations.is_current(&entry.snapshot) {
+                    self.out.push_shared(entry.payload.clone());
+                    self.push_local_ready();
+                    crate::admin::metrics::tier_hit("local");
+                    return true;
+                }
+                cache.local.remove(key);
+            }
+        }
+        let Some(shared) = &cache.shared else {
             return false;
         };
-        if !cache.generations.is_current(&entry.snapshot) {
-            cache.local.remove(key);
+        let Ok(Some(stored)) = shared.get(key, snapshot).await else {
             return false;
-        }
-        self.out.push_shared(entry.payload.clone());
+        };
+        self.out.push_shared(stored.payload.clone());
         self.push_local_ready();
+        crate::admin::metrics::tier_hit("redis");
+        // Promoted: the next hit is local.
+        cache.local.insert(
+            key,
+            Entry {
+                snapshot: snapshot.clone(),
+                payload: stored.payload,
+                row_description: stored.row_description,
+                ttl: decision.ttl,
+            },
+        );
         true
     }
 
@@ -274,11 +303,6 @@ impl Session {
     /// Stores a completed fill if nothing it read was written meanwhile.
     pub(super) fn complete_fill(&self, fill: Fill) {
         let Some(cache) = self.cache() else { return };
-        let current = cache.generations.is_current(&fill.snapshot);
-        cache.stats.fill(current);
-        if !current {
-            return;
-        }
         let Fill {
             key,
             snapshot,
@@ -287,22 +311,17 @@ impl Session {
             row_description,
             leader,
         } = fill;
-        cache.local.insert(
-            key,
-            Entry {
-                snapshot,
-                payload: payload.freeze(),
-                row_description,
-                ttl,
-            },
-        );
+        let stored = StoredResult {
+            payload: payload.freeze(),
+            row_description,
+        };
         // Followers look again only once the entry is in place.
-        drop(leader);
+        cache.store_fill(key, snapshot, stored, ttl, leader);
     }
 
     /// Called for each ReadyForQuery before it is forwarded: a transaction
     /// that ended idle and did not roll back publishes its writes.
-    pub(super) fn on_transaction_boundary(&mut self, status: u8) {
+    pub(super) async fn on_transaction_boundary(&mut self, status: u8) {
         if status != b'I' {
             return;
         }
@@ -317,20 +336,15 @@ impl Session {
             .or_else(|| self.cache_state.context.as_ref().map(|c| c.catalog.clone()));
         let Some(catalog) = catalog else {
             // No catalog was ever loaded for this database, so nothing of it
-            // is cached.
+            // is cached here; other pgstash instances cannot be told which
+            // database this is either.
             return;
         };
         let database = catalog.database_oid;
-        if writes.schema || writes.everything {
-            cache.stats.invalidation(true);
-        }
         if writes.schema {
-            cache.schema_changed(&self.pool.target, database);
+            cache.stats.invalidation(true);
+            cache.schema_changed(&self.pool.target, database).await;
             self.pool.forget_statements();
-            return;
-        }
-        if writes.everything {
-            cache.generations.bump_database(database);
             return;
         }
         let schemas = match self.cache_state.context.as_ref() {
@@ -338,24 +352,22 @@ impl Session {
             None => catalog.search_schemas(&catalog.default_search_path, self.effective_role()),
         };
         let mut bumped = Vec::new();
+        let mut everything = writes.everything;
         for name in &writes.tables {
-            let closure = catalog
+            match catalog
                 .resolve(name, &schemas)
-                .and_then(|oid| catalog.write_closure(oid));
-            match closure {
+                .and_then(|oid| catalog.write_closure(oid))
+            {
                 Some(tables) => bumped.extend(tables),
-                None => {
-                    // Unknown table (the catalog is behind) or user
-                    // triggers: the effects cannot be bounded.
-                    cache.generations.bump_database(database);
-                    return;
-                }
+                // Unknown table (the catalog is behind) or user triggers: the
+                // effects cannot be bounded.
+                None => everything = true,
             }
         }
         bumped.sort_unstable();
         bumped.dedup();
-        cache.stats.invalidation(false);
-        cache.generations.bump(database, &bumped);
+        cache.stats.invalidation(everything);
+        cache.publish(database, &bumped, everything).await;
     }
 
     /// Notes the writes of a statement whose execution just completed.

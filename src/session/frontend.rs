@@ -95,6 +95,21 @@ impl Session {
             }
             return Ok(Flow::Continue);
         }
+        let tag = frame.tag;
+        self.dispatch(frame).await?;
+        // A server that saw extended-protocol messages since its last Sync
+        // is inside an implicit transaction (or skipping to Sync after an
+        // error) and cannot be handed to anyone else yet.
+        if self.server.is_some() {
+            match tag {
+                msg::SYNC | msg::QUERY | msg::FUNCTION_CALL => self.unsynced = false,
+                _ => self.unsynced = true,
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn dispatch(&mut self, frame: Frame) -> Result<(), SessionError> {
         match frame.tag {
             msg::QUERY => self.on_query(frame).await?,
             msg::PARSE => self.on_parse(frame).await?,
@@ -126,7 +141,7 @@ impl Session {
                 }
             }
         }
-        Ok(Flow::Continue)
+        Ok(())
     }
 
     /// Forwards a frame unchanged, attaching a server first.
@@ -250,7 +265,7 @@ impl Session {
                 // Unknown statement (SQL-level PREPARE, say): assume the worst.
                 None => WriteSet::of(&Analysis::unknown()),
             };
-            fill = self.fill_for_execute(frame.body());
+            fill = self.fill_for_execute(frame.body()).await;
             writes
         } else {
             None

@@ -160,6 +160,8 @@ pub struct Session {
     /// The batch being received started with nothing in flight, outside a
     /// transaction, and has run only cacheable reads so far.
     batch_clean: bool,
+    /// Extended-protocol messages went to the server since its last Sync.
+    unsynced: bool,
     /// When the oldest request now in flight was written upstream.
     upstream_since: Option<std::time::Instant>,
     /// The server is in COPY FROM STDIN and ignores Sync until the client
@@ -273,7 +275,7 @@ impl Session {
     }
 
     fn is_between_transactions(&self) -> bool {
-        self.pending.is_empty() && self.tx_status == b'I'
+        self.pending.is_empty() && self.tx_status == b'I' && !self.unsynced && !self.copy_in
     }
 
     /// Answers `bytes` now if nothing is owed before them, else in turn.
@@ -331,6 +333,7 @@ impl Session {
     }
 
     fn detach(&mut self) {
+        self.unsynced = false;
         *self.cancel_slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.server = None;
     }
@@ -427,7 +430,7 @@ impl Session {
                 }
             }
         }
-        self.on_transaction_boundary(b'I');
+        self.on_transaction_boundary(b'I').await;
         let mut error_sent = false;
         let message = format!("pgstash: {error}");
         while let Some(expect) = self.pending.pop_front() {

@@ -205,6 +205,7 @@ async fn start_session(
         portal_fills: HashMap::new(),
         batch_clean: false,
         upstream_since: None,
+        unsynced: false,
         portal_analysis: HashMap::new(),
         copy_in: false,
     };

@@ -103,6 +103,7 @@ pub enum Reason {
     TooLarge,
     NotCaptured,
     CatalogUnavailable,
+    SharedTierDown,
 }
 
 impl Reason {
@@ -133,6 +134,7 @@ impl Reason {
             Reason::TooLarge => "too_large",
             Reason::NotCaptured => "not_captured",
             Reason::CatalogUnavailable => "catalog_unavailable",
+            Reason::SharedTierDown => "shared_tier_down",
         }
     }
 }

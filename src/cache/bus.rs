@@ -1,0 +1,97 @@
+//! The invalidation bus: a subscription to the Redis channel on which every
+//! pgstash announces the generations its writes moved. Pub/sub delivers at
+//! most once, so whenever the subscription (re)starts, every generation
+//! held locally is re-read before the local tier is trusted again.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+
+use super::generations::Generations;
+use super::shared::{parse_bump, SharedTier};
+
+/// Keeps the subscription up for as long as the cache exists.
+pub fn spawn(shared: Arc<SharedTier>, generations: Weak<Generations>) {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if generations.upgrade().is_none() {
+                return;
+            }
+            match subscribe_and_follow(&shared, &generations).await {
+                Ok(()) => backoff = Duration::from_millis(50),
+                Err(e) => {
+                    tracing::warn!(error = %e, "invalidation bus lost; local tier not trusted until it is back")
+                }
+            }
+            shared.bus_healthy.store(false, Ordering::SeqCst);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    });
+}
+
+async fn subscribe_and_follow(
+    shared: &SharedTier,
+    generations: &Weak<Generations>,
+) -> Result<(), String> {
+    let url = shared.bus_url().ok_or("no redis url")?;
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let mut pubsub =
+        tokio::time::timeout(shared.config().connect_timeout, client.get_async_pubsub())
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+    pubsub
+        .subscribe(shared.channel())
+        .await
+        .map_err(|e| e.to_string())?;
+    resync(shared, generations).await?;
+    shared.bus_healthy.store(true, Ordering::SeqCst);
+    tracing::info!("invalidation bus subscribed");
+    let mut messages = pubsub.on_message();
+    while let Some(message) = messages.next().await {
+        let Some(generations) = generations.upgrade() else {
+            return Ok(());
+        };
+        let Ok(text) = message.get_payload::<String>() else {
+            continue;
+        };
+        let Some((database, values, sent_at)) = parse_bump(&text) else {
+            continue;
+        };
+        generations.observe(database, &values);
+        shared.stats.bumps_received.fetch_add(1, Ordering::Relaxed);
+        crate::admin::metrics::bus_message("received");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        crate::admin::metrics::bus_delay(Duration::from_micros(now.saturating_sub(sent_at) as u64));
+    }
+    Err("subscription closed".into())
+}
+
+/// Re-reads every generation held locally from Redis.
+async fn resync(shared: &SharedTier, generations: &Weak<Generations>) -> Result<(), String> {
+    let Some(generations) = generations.upgrade() else {
+        return Ok(());
+    };
+    let mut by_database: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for (database, table) in generations.held() {
+        by_database.entry(database).or_default().push(table);
+    }
+    for (database, tables) in by_database {
+        for chunk in tables.chunks(500) {
+            let values = shared
+                .generations(database, chunk)
+                .await
+                .map_err(|e| e.to_string())?;
+            let pairs: Vec<(u32, u64)> = chunk.iter().copied().zip(values).collect();
+            generations.observe(database, &pairs);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,502 @@
+//! The shared tier: Redis holds the table generations every pgstash agrees
+//! on, results keyed under the generations they were filled with, and the
+//! channel that tells every pgstash when a write moved a generation.
+//!
+//! Redis is an accelerator, never a dependency: every command has a short
+//! timeout, failures open a circuit during which Redis is not asked at all,
+//! and callers fall back to pass-through (or the local tier) on any error.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::generations::Snapshot;
+use crate::config::RedisConfig;
+
+/// INCR every generation key and announce the new values, in one round
+/// trip and atomically (all keys of one database share a hash slot).
+const BUMP_SCRIPT: &str = r"
+local out = {}
+for i, k in ipairs(KEYS) do out[i] = redis.call('INCR', k) end
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. '|' .. table.concat(out, ','))
+return out
+";
+
+/// Stored values start with this; anything else in our key space is not
+/// ours and is never served.
+const MAGIC: &[u8; 4] = b"PGS1";
+const HEADER_LEN: usize = 4 + 8 + 8 + 4;
+
+enum Connection {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl Clone for Connection {
+    fn clone(&self) -> Self {
+        match self {
+            Connection::Single(c) => Connection::Single(c.clone()),
+            Connection::Cluster(c) => Connection::Cluster(c.clone()),
+        }
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error("redis circuit open")]
+    CircuitOpen,
+    #[error("redis timed out")]
+    Timeout,
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("malformed reply from redis")]
+    Reply,
+}
+
+#[derive(Default)]
+struct Circuit {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+/// Counters for the admin console and tests.
+#[derive(Debug, Default)]
+pub struct SharedStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub errors: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub bumps_sent: AtomicU64,
+    pub bumps_received: AtomicU64,
+}
+
+pub struct SharedTier {
+    config: RedisConfig,
+    urls: Vec<String>,
+    connection: Mutex<Option<Connection>>,
+    connecting: tokio::sync::Mutex<()>,
+    circuit: Mutex<Circuit>,
+    bump_script: redis::Script,
+    /// The subscription is up and the generations held locally were re-read
+    /// after it (re)started: only then may the local tier be trusted.
+    pub bus_healthy: AtomicBool,
+    pub stats: SharedStats,
+}
+
+impl SharedTier {
+    pub fn new(config: RedisConfig) -> Arc<SharedTier> {
+        let urls = config
+            .url
+            .split(',')
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        Arc::new(SharedTier {
+            config,
+            urls,
+            connection: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            circuit: Mutex::new(Circuit::default()),
+            bump_script: redis::Script::new(BUMP_SCRIPT),
+            bus_healthy: AtomicBool::new(false),
+            stats: SharedStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// The first URL, where the invalidation channel is subscribed (a
+    /// PUBLISH in a cluster reaches every node).
+    pub fn bus_url(&self) -> Option<&str> {
+        self.urls.first().map(String::as_str)
+    }
+
+    pub fn channel(&self) -> String {
+        format!("{}invalidate", self.config.prefix)
+    }
+
+    pub fn circuit_open(&self) -> bool {
+        let circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        circuit
+            .open_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn record(&self, ok: bool) {
+        let mut circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            *circuit = Circuit::default();
+            crate::admin::metrics::redis_up(true);
+            return;
+        }
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        circuit.failures += 1;
+        if circuit.failures >= self.config.circuit_failures {
+            if circuit.open_until.is_none() {
+                tracing::warn!("redis circuit opened");
+            }
+            circuit.open_until = Some(Instant::now() + self.config.circuit_open_for);
+            crate::admin::metrics::redis_up(false);
+        }
+    }
+
+    async fn connection(&self) -> Result<Connection, SharedError> {
+        if self.circuit_open() {
+            return Err(SharedError::CircuitOpen);
+        }
+        if let Some(c) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Ok(c);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Ok(c);
+        }
+        let connected = tokio::time::timeout(self.config.connect_timeout, self.connect()).await;
+        match connected {
+            Ok(Ok(c)) => {
+                *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                Ok(c)
+            }
+            Ok(Err(e)) => {
+                self.record(false);
+                Err(e)
+            }
+            Err(_) => {
+                self.record(false);
+                Err(SharedError::Timeout)
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Connection, SharedError> {
+        if self.config.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
+                .connection_timeout(self.config.connect_timeout)
+                .response_timeout(self.config.timeout)
+                .build()?;
+            Ok(Connection::Cluster(client.get_async_connection().await?))
+        } else {
+            let url = self.urls.first().ok_or(SharedError::Reply)?;
+            let client = redis::Client::open(url.as_str())?;
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.config.connect_timeout))
+                .set_response_timeout(Some(self.config.timeout));
+            Ok(Connection::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            ))
+        }
+    }
+
+    /// Runs one command with the timeout and circuit bookkeeping.
+    async fn run<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, SharedError> {
+        let mut conn = self.connection().await?;
+        let started = Instant::now();
+        let result =
+            tokio::time::timeout(self.config.timeout, cmd.query_async::<T>(&mut conn)).await;
+        crate::admin::metrics::redis_latency(started.elapsed());
+        self.finish(result)
+    }
+
+    fn finish<T>(
+        &self,
+        result: Result<RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, SharedError> {
+        match result {
+            Ok(Ok(v)) => {
+                self.record(true);
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+                self.record(false);
+                Err(SharedError::Redis(e))
+            }
+            Err(_) => {
+                self.record(false);
+                Err(SharedError::Timeout)
+            }
+        }
+    }
+
+    /// The generation key of a table; all of one database's keys share a
+    /// hash slot so the bump script can touch them together in a cluster.
+    pub fn generation_key(&self, database: u32, table: u32) -> String {
+        format!("{}{{gen:{database}}}:{table}", self.config.prefix)
+    }
+
+    /// Reads the authoritative generations of `tables` (0 if never bumped).
+    pub async fn generations(
+        &self,
+        database: u32,
+        tables: &[u32],
+    ) -> Result<Vec<u64>, SharedError> {
+        if tables.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for &t in tables {
+            cmd.arg(self.generation_key(database, t));
+        }
+        let values: Vec<Option<u64>> = self.run(&cmd).await?;
+        if values.len() != tables.len() {
+            return Err(SharedError::Reply);
+        }
+        Ok(values.into_iter().map(|v| v.unwrap_or(0)).collect())
+    }
+
+    /// Moves the generations of `tables` in Redis and announces them.
+    pub async fn bump(&self, database: u32, tables: &[u32]) -> Result<Vec<u64>, SharedError> {
+        let mut conn = self.connection().await?;
+        let mut invocation = self.bump_script.prepare_invoke();
+        for &t in tables {
+            invocation.key(self.generation_key(database, t));
+        }
+        let tables_text: Vec<String> = tables.iter().map(u32::to_string).collect();
+        let sent_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        invocation.arg(self.channel());
+        invocation.arg(format!("{database}|{}|{sent_at}", tables_text.join(",")));
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            self.config.timeout * 4,
+            invocation.invoke_async::<Vec<u64>>(&mut conn),
+        )
+        .await;
+        crate::admin::metrics::redis_latency(started.elapsed());
+        let values = self.finish(result)?;
+        self.stats.bumps_sent.fetch_add(1, Ordering::Relaxed);
+        crate::admin::metrics::bus_message("sent");
+        Ok(values)
+    }
+
+    /// Where a result filled under `snapshot` lives in Redis: a bump of any
+    /// generation in it makes the key unreachable.
+    pub fn entry_key(&self, key: u128, snapshot: &Snapshot) -> String {
+        let mut generations = Vec::with_capacity(8 + 12 * snapshot.tables.len());
+        generations.extend_from_slice(&snapshot.database.to_be_bytes());
+        generations.extend_from_slice(&snapshot.epoch.to_be_bytes());
+        for (t, g) in snapshot.tables.iter() {
+            generations.extend_from_slice(&t.to_be_bytes());
+            generations.extend_from_slice(&g.to_be_bytes());
+        }
+        format!(
+            "{}r:{key:032x}:{:016x}",
+            self.config.prefix,
+            xxh3_64(&generations)
+        )
+    }
+
+    pub async fn get(
+        &self,
+        key: u128,
+        snapshot: &Snapshot,
+    ) -> Result<Option<StoredResult>, SharedError> {
+        let redis_key = self.entry_key(key, snapshot);
+        let value: Option<Vec<u8>> = self.run(redis::cmd("GET").arg(&redis_key)).await?;
+        let Some(value) = value else {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        };
+        match StoredResult::decode(&value) {
+            Some(stored) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(stored))
+            }
+            None => {
+                // Truncated, corrupted or written by something else: never
+                // served, and removed so it is not met again.
+                self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                crate::admin::metrics::redis_corrupt();
+                let _ = self.run::<i64>(redis::cmd("DEL").arg(&redis_key)).await;
+                Ok(None)
+            }
+        }
+    }
+
+    pub async fn put(
+        &self,
+        key: u128,
+        snapshot: &Snapshot,
+        stored: &StoredResult,
+        ttl: Duration,
+    ) -> Result<(), SharedError> {
+        let redis_key = self.entry_key(key, snapshot);
+        let millis = ttl.as_millis().max(1) as u64;
+        self.run::<()>(
+            redis::cmd("SET")
+                .arg(&redis_key)
+                .arg(stored.encode().as_ref())
+                .arg("PX")
+                .arg(millis),
+        )
+        .await
+    }
+
+    /// Forgets the connection (tests use this to simulate a broken link).
+    pub fn drop_connection(&self) {
+        *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// A result as stored in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResult {
+    pub payload: Bytes,
+    pub row_description: Option<Bytes>,
+}
+
+impl StoredResult {
+    /// `PGS1`, xxh3-64 checksum of the rest, creation time (µs), length of
+    /// the row description (u32::MAX for none), row description, payload.
+    pub fn encode(&self) -> Bytes {
+        let rd = self.row_description.as_deref();
+        let mut body = BytesMut::with_capacity(16 + rd.map_or(0, <[u8]>::len) + self.payload.len());
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        body.put_u64(created);
+        body.put_u32(rd.map_or(u32::MAX, |r| r.len() as u32));
+        if let Some(rd) = rd {
+            body.put_slice(rd);
+        }
+        body.put_slice(&self.payload);
+        let mut out = BytesMut::with_capacity(HEADER_LEN + body.len());
+        out.put_slice(MAGIC);
+        out.put_u64(xxh3_64(&body));
+        out.put_slice(&body);
+        out.freeze()
+    }
+
+    pub fn decode(value: &[u8]) -> Option<StoredResult> {
+        if value.len() < HEADER_LEN || &value[..4] != MAGIC {
+            return None;
+        }
+        let checksum = u64::from_be_bytes(value[4..12].try_into().ok()?);
+        let body = &value[12..];
+        if xxh3_64(body) != checksum {
+            return None;
+        }
+        let rd_len = u32::from_be_bytes(body[8..12].try_into().ok()?);
+        let rest = &body[12..];
+        let (row_description, payload) = if rd_len == u32::MAX {
+            (None, rest)
+        } else {
+            let n = rd_len as usize;
+            if n > rest.len() {
+                return None;
+            }
+            (Some(Bytes::copy_from_slice(&rest[..n])), &rest[n..])
+        };
+        Some(StoredResult {
+            payload: Bytes::copy_from_slice(payload),
+            row_description,
+        })
+    }
+}
+
+/// Parses a bus message: `database|t1,t2|sent_at_us|g1,g2`.
+pub fn parse_bump(message: &str) -> Option<(u32, Vec<(u32, u64)>, u128)> {
+    let mut parts = message.split('|');
+    let database = parts.next()?.parse().ok()?;
+    let tables: Vec<u32> = parts
+        .next()?
+        .split(',')
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    let sent_at: u128 = parts.next()?.parse().ok()?;
+    let generations: Vec<u64> = parts
+        .next()?
+        .split(',')
+        .map(|g| g.parse().ok())
+        .collect::<Option<_>>()?;
+    if tables.len() != generations.len() {
+        return None;
+    }
+    Some((
+        database,
+        tables.into_iter().zip(generations).collect(),
+        sent_at,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_results_round_trip_and_corruption_is_caught() {
+        let stored = StoredResult {
+            payload: Bytes::from_static(b"D\0\0\0\x06\0\0C\0\0\0\x0bSELECT 1\0"),
+            row_description: Some(Bytes::from_static(b"T\0\0\0\x06\0\0")),
+        };
+        let encoded = stored.encode();
+        assert_eq!(StoredResult::decode(&encoded), Some(stored));
+        let mut corrupt = encoded.to_vec();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 1;
+        assert_eq!(StoredResult::decode(&corrupt), None);
+        assert_eq!(StoredResult::decode(&encoded[..encoded.len() - 3]), None);
+        assert_eq!(StoredResult::decode(b"hello world, not ours at all"), None);
+    }
+
+    #[test]
+    fn bus_messages_parse() {
+        assert_eq!(
+            parse_bump("5|10,11|99|3,4"),
+            Some((5, vec![(10, 3), (11, 4)], 99))
+        );
+        assert_eq!(parse_bump("5|10|99|3,4"), None);
+        assert_eq!(parse_bump("garbage"), None);
+    }
+}
