@@ -1,0 +1,452 @@
+//! The Redis tier and invalidation bus with two pgstash instances sharing
+//! one real Redis and one real PostgreSQL.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use pgstash::cache::shared::SharedTier;
+use support::{unique, TestProxy};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+async fn scalar(client: &Client, sql: &str) -> String {
+    let messages = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    messages
+        .into_iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or_default().to_owned()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn shared(proxy: &TestProxy) -> &SharedTier {
+    proxy
+        .proxy
+        .cache
+        .as_ref()
+        .and_then(|c| c.shared.as_deref())
+        .expect("redis tier configured")
+}
+
+async fn start_with_redis(url: &str, prefix: &str, extra: &str) -> TestProxy {
+    let proxy = TestProxy::start(&format!(
+        "[redis]\nurl = \"{url}\"\nprefix = \"{prefix}:\"\n{extra}\n"
+    ))
+    .await;
+    wait_for_bus(&proxy).await;
+    proxy
+}
+
+async fn wait_for_bus(proxy: &TestProxy) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !shared(proxy).bus_healthy.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "invalidation bus never came up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_through_one_pgstash_is_a_redis_hit_through_another() {
+    let prefix = unique("pgstash_test");
+    let a = start_with_redis("redis://127.0.0.1:6379", &prefix, "").await;
+    let b = start_with_redis("redis://127.0.0.1:6379", &prefix, "").await;
+    let t = unique("shared");
+    let direct = support::direct("test").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (42)"
+        ))
+        .await
+        .unwrap();
+    let ca = a.connect("test").await;
+    let cb = b.connect("test").await;
+    let sql = format!("SELECT v FROM {t}");
+    assert_eq!(scalar(&ca, &sql).await, "42");
+    // The fill is stored asynchronously; wait until it is in Redis.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = shared(&b).stats.hits.load(Ordering::Relaxed);
+        assert_eq!(scalar(&cb, &sql).await, "42");
+        if shared(&b).stats.hits.load(Ordering::Relaxed) > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never hit A's fill in redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
+
+/// A writes, B reads: B may be stale only until the bump reaches it; the
+/// delay from A's CommandComplete to B serving the new value is measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_one_pgstash_invalidate_the_other() {
+    let prefix = unique("pgstash_test");
+    let a = start_with_redis("redis://127.0.0.1:6379", &prefix, "").await;
+    let b = start_with_redis("redis://127.0.0.1:6379", &prefix, "").await;
+    let t = unique("bus");
+    let direct = support::direct("test").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
+        ))
+        .await
+        .unwrap();
+    let ca = a.connect("test").await;
+    let cb = b.connect("test").await;
+    let sql = format!("SELECT v FROM {t}");
+    let mut delays = Vec::new();
+    for i in 1..=200 {
+        assert_eq!(scalar(&cb, &sql).await, (i - 1).to_string());
+        ca.batch_execute(&format!("UPDATE {t} SET v = {i}"))
+            .await
+            .unwrap();
+        let written = Instant::now();
+        loop {
+            if scalar(&cb, &sql).await == i.to_string() {
+                break;
+            }
+            assert!(
+                written.elapsed() < Duration::from_secs(2),
+                "B still stale 2 s after the write"
+            );
+        }
+        delays.push(written.elapsed());
+    }
+    delays.sort();
+    let p = |q: f64| delays[((delays.len() as f64 - 1.0) * q) as usize];
+    eprintln!(
+        "write through A to fresh read through B: p50 {:?} p99 {:?} max {:?}",
+        p(0.5),
+        p(0.99),
+        delays[delays.len() - 1]
+    );
+    assert!(delays[delays.len() - 1] < Duration::from_millis(500));
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_never_fails_queries() {
+    // Nothing listens on port 1.
+    let proxy = TestProxy::start(
+        "[redis]\nurl = \"redis://127.0.0.1:1\"\ntimeout = \"20ms\"\nconnect_timeout = \"50ms\"\n",
+    )
+    .await;
+    let client = proxy.connect("test").await;
+    let t = unique("down");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (7)"
+        ))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for _ in 0..50 {
+        assert_eq!(scalar(&client, &format!("SELECT v FROM {t}")).await, "7");
+    }
+    // The circuit keeps a dead Redis from adding its timeout to every query.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "50 queries took {:?}",
+        started.elapsed()
+    );
+    assert!(shared(&proxy).circuit_open());
+    client
+        .batch_execute(&format!("UPDATE {t} SET v = 8"))
+        .await
+        .unwrap();
+    assert_eq!(scalar(&client, &format!("SELECT v FROM {t}")).await, "8");
+    client
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_values_in_redis_are_never_served() {
+    let prefix = unique("pgstash_test");
+    let a = start_with_redis("redis://127.0.0.1:6379", &prefix, "").await;
+    let b = start_with_redis("redis://127.0.0.1:6379", &prefix, "").await;
+    let t = unique("corrupt");
+    let direct = support::direct("test").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v text); INSERT INTO {t} VALUES ('right')"
+        ))
+        .await
+        .unwrap();
+    let ca = a.connect("test").await;
+    let sql = format!("SELECT v FROM {t}");
+    assert_eq!(scalar(&ca, &sql).await, "right");
+    let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let pattern = format!("{prefix}:r:*");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let keys: Vec<String> = loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            break keys;
+        }
+        assert!(Instant::now() < deadline, "the fill never reached redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for key in &keys {
+        // Same length as before, wrong bytes: only the checksum can tell.
+        let value: Vec<u8> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut bad = value.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x55;
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(bad)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let cb = b.connect("test").await;
+    assert_eq!(scalar(&cb, &sql).await, "right");
+    assert!(shared(&b).stats.corrupt.load(Ordering::Relaxed) >= 1);
+    assert_eq!(shared(&b).stats.hits.load(Ordering::Relaxed), 0);
+    for key in &keys {
+        // Deleted, or replaced by B's own good fill: never the bad bytes.
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if let Some(value) = value {
+            assert!(
+                pgstash::cache::shared::StoredResult::decode(&value).is_some(),
+                "corrupt value left in redis"
+            );
+        }
+    }
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
+
+/// A redis-server of the test's own, so its pub/sub clients can be killed
+/// without touching anyone else.
+struct OwnRedis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl OwnRedis {
+    fn start() -> OwnRedis {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> OwnRedis {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnRedis {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_bus_stops_local_hits_until_it_is_back() {
+    let own = OwnRedis::start();
+    let prefix = unique("pgstash_test");
+    let a = start_with_redis(&own.url(), &prefix, "").await;
+    let b = start_with_redis(&own.url(), &prefix, "").await;
+    let t = unique("lost");
+    let direct = support::direct("test").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (1)"
+        ))
+        .await
+        .unwrap();
+    let ca = a.connect("test").await;
+    let cb = b.connect("test").await;
+    let sql = format!("SELECT v FROM {t}");
+    assert_eq!(scalar(&cb, &sql).await, "1");
+
+    let redis = redis::Client::open(own.url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Until B resubscribes it may not trust its local tier; either way a
+    // write through A must be visible through B at once.
+    ca.batch_execute(&format!("UPDATE {t} SET v = 2"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while scalar(&cb, &sql).await != "2" {
+        assert!(
+            Instant::now() < deadline,
+            "B stayed stale after losing the bus"
+        );
+    }
+    wait_for_bus(&b).await;
+    ca.batch_execute(&format!("UPDATE {t} SET v = 3"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while scalar(&cb, &sql).await != "3" {
+        assert!(Instant::now() < deadline, "B stale after the bus came back");
+    }
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
+
+/// The same two-process test on a Redis Cluster of three masters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pgstash_on_a_redis_cluster() {
+    let nodes: Vec<OwnRedis> = (0..3)
+        .map(|_| {
+            OwnRedis::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+        })
+        .collect();
+    let addresses: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let status = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addresses)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("redis-cli");
+    assert!(status.success(), "redis-cli --cluster create failed");
+    // Wait until every node agrees the cluster is up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in &nodes {
+        let client = redis::Client::open(node.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        loop {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster never became ok");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let urls: Vec<String> = nodes.iter().map(OwnRedis::url).collect();
+    let url = urls.join(",");
+    let prefix = unique("pgstash_test");
+    let a = start_with_redis(&url, &prefix, "cluster = true").await;
+    let b = start_with_redis(&url, &prefix, "cluster = true").await;
+    let t = unique("cluster");
+    let direct = support::direct("test").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
+        ))
+        .await
+        .unwrap();
+    let ca = a.connect("test").await;
+    let cb = b.connect("test").await;
+    let sql = format!("SELECT v FROM {t}");
+    for i in 1..=20 {
+        assert_eq!(scalar(&cb, &sql).await, (i - 1).to_string());
+        ca.batch_execute(&format!("UPDATE {t} SET v = {i}"))
+            .await
+            .unwrap();
+        let written = Instant::now();
+        while scalar(&cb, &sql).await != i.to_string() {
+            assert!(
+                written.elapsed() < Duration::from_secs(2),
+                "B stale on the cluster"
+            );
+        }
+    }
+    // A's fills are Redis hits for B on the cluster too.
+    let sql2 = format!("SELECT v + 1 FROM {t}");
+    assert_eq!(scalar(&ca, &sql2).await, "21");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = shared(&b).stats.hits.load(Ordering::Relaxed);
+        assert_eq!(scalar(&cb, &sql2).await, "21");
+        if shared(&b).stats.hits.load(Ordering::Relaxed) > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no redis hit on the cluster");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
