@@ -235,6 +235,9 @@ pub struct RedisConfig {
     /// invalidation stays within this process.
     pub url: String,
     pub cluster: bool,
+    /// With Redis Sentinel: the monitored master's name; `url` then lists
+    /// the sentinels, and pgstash follows the master they report.
+    pub sentinel_master: String,
     /// Prefix of every key and of the invalidation channel.
     pub prefix: String,
     /// A Redis command slower than this counts as a failure.
@@ -261,6 +264,7 @@ impl Default for RedisConfig {
         RedisConfig {
             url: String::new(),
             cluster: false,
+            sentinel_master: String::new(),
             prefix: "pgstash:".into(),
             timeout: Duration::from_millis(25),
             connect_timeout: Duration::from_millis(500),

@@ -27,6 +27,9 @@ struct Cli {
     /// Address of the HTTP endpoint for /metrics, /healthz and /readyz.
     #[arg(long)]
     metrics: Option<String>,
+    /// Redis for the shared tier and invalidation bus: redis://host:port.
+    #[arg(long)]
+    redis: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -43,6 +46,9 @@ fn load(cli: &Cli) -> Result<Config, String> {
     let mut config = Config::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
     if let Some(listen) = &cli.listen {
         config.listen = listen.clone();
+    }
+    if let Some(redis) = &cli.redis {
+        config.redis.url = redis.clone();
     }
     if let Some(metrics) = &cli.metrics {
         config.metrics_listen = metrics.clone();

@@ -450,3 +450,83 @@ async fn two_pgstash_on_a_redis_cluster() {
         .await
         .unwrap();
 }
+
+/// Redis behind Sentinel: pgstash asks the sentinels for the master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pgstash_behind_redis_sentinel() {
+    let master = OwnRedis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\nsentinel monitor pgstashmaster 127.0.0.1 {} 1\n",
+            master.port
+        ),
+    )
+    .unwrap();
+    let child = Command::new("redis-server")
+        .arg(&conf)
+        .arg("--sentinel")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server --sentinel");
+    let sentinel = OwnRedis {
+        child,
+        port,
+        _dir: dir,
+    };
+    let client = redis::Client::open(sentinel.url()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+            let found: redis::RedisResult<Option<(String, u16)>> = redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg("pgstashmaster")
+                .query_async(&mut conn)
+                .await;
+            if matches!(found, Ok(Some(_))) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sentinel never reported the master"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let prefix = unique("pgstash_test");
+    let extra = "sentinel_master = \"pgstashmaster\"";
+    let a = start_with_redis(&sentinel.url(), &prefix, extra).await;
+    let b = start_with_redis(&sentinel.url(), &prefix, extra).await;
+    let t = unique("sentinel");
+    let direct = support::direct("test").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
+        ))
+        .await
+        .unwrap();
+    let ca = a.connect("test").await;
+    let cb = b.connect("test").await;
+    let sql = format!("SELECT v FROM {t}");
+    for i in 1..=10 {
+        assert_eq!(scalar(&cb, &sql).await, (i - 1).to_string());
+        ca.batch_execute(&format!("UPDATE {t} SET v = {i}"))
+            .await
+            .unwrap();
+        let written = Instant::now();
+        while scalar(&cb, &sql).await != i.to_string() {
+            assert!(
+                written.elapsed() < Duration::from_secs(2),
+                "B stale behind sentinel"
+            );
+        }
+    }
+    assert!(shared(&a).stats.bumps_sent.load(Ordering::Relaxed) >= 10);
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}

@@ -38,8 +38,8 @@ async fn subscribe_and_follow(
     shared: &SharedTier,
     generations: &Weak<Generations>,
 ) -> Result<(), String> {
-    let url = shared.bus_url().ok_or("no redis url")?;
-    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let url = shared.bus_url().await.map_err(|e| e.to_string())?;
+    let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
     let mut pubsub =
         tokio::time::timeout(shared.config().connect_timeout, client.get_async_pubsub())
             .await

@@ -141,10 +141,44 @@ impl SharedTier {
         &self.config
     }
 
-    /// The first URL, where the invalidation channel is subscribed (a
-    /// PUBLISH in a cluster reaches every node).
-    pub fn bus_url(&self) -> Option<&str> {
-        self.urls.first().map(String::as_str)
+    /// Where the invalidation channel is subscribed: the first URL (a
+    /// PUBLISH in a cluster reaches every node), or the master the
+    /// sentinels report.
+    pub async fn bus_url(&self) -> Result<String, SharedError> {
+        if self.config.sentinel_master.is_empty() {
+            return self.urls.first().cloned().ok_or(SharedError::Reply);
+        }
+        self.master_url().await
+    }
+
+    /// Asks the sentinels, in order, where the master is now.
+    async fn master_url(&self) -> Result<String, SharedError> {
+        let mut last_error = SharedError::Reply;
+        for sentinel in &self.urls {
+            let asked = async {
+                let client = redis::Client::open(sentinel.as_str())?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                let address: Option<(String, u16)> = redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.config.sentinel_master)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok::<_, redis::RedisError>(address)
+            };
+            match tokio::time::timeout(self.config.connect_timeout, asked).await {
+                Ok(Ok(Some((host, port)))) => {
+                    // The master takes the sentinels' credentials and scheme.
+                    let mut url = url::Url::parse(sentinel).map_err(|_| SharedError::Reply)?;
+                    url.set_host(Some(&host)).map_err(|_| SharedError::Reply)?;
+                    url.set_port(Some(port)).map_err(|_| SharedError::Reply)?;
+                    return Ok(url.to_string());
+                }
+                Ok(Ok(None)) => last_error = SharedError::Reply,
+                Ok(Err(e)) => last_error = SharedError::Redis(e),
+                Err(_) => last_error = SharedError::Timeout,
+            }
+        }
+        Err(last_error)
     }
 
     pub fn channel(&self) -> String {
@@ -222,7 +256,7 @@ impl SharedTier {
                 .build()?;
             Ok(Connection::Cluster(client.get_async_connection().await?))
         } else {
-            let url = self.urls.first().ok_or(SharedError::Reply)?;
+            let url = self.bus_url().await?;
             let client = redis::Client::open(url.as_str())?;
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(self.config.connect_timeout))
@@ -255,7 +289,14 @@ impl SharedTier {
                 Ok(v)
             }
             Ok(Err(e)) => {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                // Behind sentinels, any error may mean the master moved:
+                // ask them again on the next connect.
+                let sentinel = !self.config.sentinel_master.is_empty();
+                if sentinel
+                    || e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_unrecoverable_error()
+                {
                     *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
                 self.record(false);
