@@ -20,6 +20,8 @@ pub struct Entry {
     /// Extended protocol: the RowDescription a Describe of the portal got.
     pub row_description: Option<Bytes>,
     pub ttl: Duration,
+    /// When it was stored here, for the shorter TTL while Redis is down.
+    pub stored_at: Instant,
 }
 
 struct PerEntryTtl;

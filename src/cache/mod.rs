@@ -155,6 +155,17 @@ impl Cache {
         }
     }
 
+    /// Whether a local entry may still be served: while the bus is down
+    /// (in "local" fallback) only entries younger than `degraded_ttl`.
+    pub fn local_entry_usable(&self, entry: &Entry) -> bool {
+        match &self.shared {
+            Some(shared) if !shared.bus_healthy.load(Ordering::SeqCst) => {
+                shared.config().on_failure == "local" && entry.stored_at.elapsed() < shared.config().degraded_ttl
+            }
+            _ => true,
+        }
+    }
+
     /// The generations a decision is made under: the local mirror when it
     /// is trustworthy and complete, otherwise read from Redis.
     pub async fn snapshot(&self, database: u32, tables: &[u32]) -> Result<Snapshot, Reason> {
@@ -315,6 +326,7 @@ fn entry(snapshot: Snapshot, stored: StoredResult, ttl: std::time::Duration) -> 
         payload: stored.payload,
         row_description: stored.row_description,
         ttl,
+        stored_at: std::time::Instant::now(),
     }
 }
 

@@ -159,7 +159,7 @@ impl Session {
                 group.bind.rest,
             );
             let entry = cache.local.get(key)?;
-            if !cache.generations.is_current(&entry.snapshot) {
+            if !cache.generations.is_current(&entry.snapshot) || !cache.local_entry_usable(&entry) {
                 return None;
             }
             response.push(Bytes::from_static(b"2\0\0\0\x04"));

@@ -262,7 +262,10 @@ impl Session {
     ) -> bool {
         if cache.local_trusted() {
             if let Some(entry) = cache.local.get(key) {
-                if entry.snapshot == *snapshot && cache.generations.is_current(&entry.snapshot) {
+                if entry.snapshot == *snapshot
+                    && cache.generations.is_current(&entry.snapshot)
+                    && cache.local_entry_usable(&entry)
+                {
                     self.out.push_shared(entry.payload.clone());
                     self.push_local_ready();
                     crate::admin::metrics::tier_hit("local");
@@ -288,6 +291,7 @@ impl Session {
                 payload: stored.payload,
                 row_description: stored.row_description,
                 ttl: decision.ttl,
+                stored_at: std::time::Instant::now(),
             },
         );
         true
