@@ -530,3 +530,110 @@ async fn two_pgstash_behind_redis_sentinel() {
         .await
         .unwrap();
 }
+
+/// The concurrent checker across two pgstash instances: writes through A,
+/// reads through B and A. A read may miss a write only if that write
+/// completed less than the bus delay bound before the read began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checker_across_two_pgstash() {
+    use std::sync::{Arc, Mutex};
+    const ROWS: i64 = 4;
+    const BOUND: Duration = Duration::from_millis(100);
+    let duration = Duration::from_secs(
+        std::env::var("PGSTASH_CHECKER_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10),
+    );
+    let prefix = unique("pgstash_test");
+    let a = start_with_redis("redis://127.0.0.1:6379", &prefix, "[pool]\nsize = 4").await;
+    let b = start_with_redis("redis://127.0.0.1:6379", &prefix, "[pool]\nsize = 4").await;
+    let t = unique("chk2");
+    let direct = support::direct("test").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id bigint primary key, version bigint); INSERT INTO {t} SELECT g, 0 FROM generate_series(0, {}) g",
+            ROWS - 1
+        ))
+        .await
+        .unwrap();
+    // Per row: (completed at, version) of every write.
+    let completed: Arc<Vec<Mutex<Vec<(Instant, i64)>>>> =
+        Arc::new((0..ROWS).map(|_| Mutex::new(Vec::new())).collect());
+    let deadline = Instant::now() + duration;
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let client = a.connect("test").await;
+        let (t, completed) = (t.clone(), completed.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0i64;
+            while Instant::now() < deadline {
+                let id = (n + w) % ROWS;
+                let sql = format!(
+                    "UPDATE {t} SET version = version + 1 WHERE id = {id} RETURNING version"
+                );
+                let version: i64 = scalar(&client, &sql).await.parse().unwrap();
+                completed[id as usize]
+                    .lock()
+                    .unwrap()
+                    .push((Instant::now(), version));
+                n += 1;
+            }
+        }));
+    }
+    let mut readers = Vec::new();
+    for r in 0..4 {
+        let proxy = if r % 2 == 0 { &b } else { &a };
+        let client = proxy.connect("test").await;
+        let (t, completed) = (t.clone(), completed.clone());
+        readers.push(tokio::spawn(async move {
+            let (mut violations, mut within_bound, mut reads) = (0u64, 0u64, 0u64);
+            let mut n = 0i64;
+            while Instant::now() < deadline {
+                let id = (n + r) % ROWS;
+                let began = Instant::now();
+                let (floor, recent_floor) = {
+                    let writes = completed[id as usize].lock().unwrap();
+                    let before = |cutoff: Instant| {
+                        writes
+                            .iter()
+                            .filter(|(at, _)| *at <= cutoff)
+                            .map(|&(_, v)| v)
+                            .max()
+                            .unwrap_or(0)
+                    };
+                    (before(began - BOUND), before(began))
+                };
+                let seen: i64 =
+                    scalar(&client, &format!("SELECT version FROM {t} WHERE id = {id}"))
+                        .await
+                        .parse()
+                        .unwrap();
+                reads += 1;
+                if seen < floor {
+                    violations += 1;
+                } else if seen < recent_floor {
+                    within_bound += 1;
+                }
+                n += 1;
+            }
+            (violations, within_bound, reads)
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let (mut violations, mut within_bound, mut reads) = (0, 0, 0);
+    for r in readers {
+        let (v, w, n) = r.await.unwrap();
+        violations += v;
+        within_bound += w;
+        reads += n;
+    }
+    eprintln!("two-instance checker: {reads} reads, {within_bound} stale within {BOUND:?} of a write, {violations} beyond it");
+    assert_eq!(violations, 0);
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
