@@ -160,7 +160,8 @@ impl Cache {
     pub fn local_entry_usable(&self, entry: &Entry) -> bool {
         match &self.shared {
             Some(shared) if !shared.bus_healthy.load(Ordering::SeqCst) => {
-                shared.config().on_failure == "local" && entry.stored_at.elapsed() < shared.config().degraded_ttl
+                shared.config().on_failure == "local"
+                    && entry.stored_at.elapsed() < shared.config().degraded_ttl
             }
             _ => true,
         }
