@@ -31,6 +31,11 @@ pub struct Config {
     /// A client must finish its startup within this time.
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// On SIGTERM, /readyz fails at once but new clients are still accepted
+    /// this long, so the pod's endpoints are updated before the listener
+    /// closes.
+    #[serde(with = "humantime_serde")]
+    pub drain_grace: Duration,
     /// On SIGTERM, in-flight transactions get this long to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -45,6 +50,7 @@ pub struct Config {
     pub pool: PoolConfig,
     pub cache: CacheConfig,
     pub redis: RedisConfig,
+    pub admin: AdminConfig,
     /// Client database name → upstream database.
     pub databases: BTreeMap<String, DatabaseConfig>,
     /// User name → upstream credentials.
@@ -129,6 +135,7 @@ impl Default for Config {
             max_message_size: 256 * 1024 * 1024,
             startup_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
+            drain_grace: Duration::ZERO,
             metrics_listen: String::new(),
             log_format: "text".into(),
             log_level: "info".into(),
@@ -136,6 +143,7 @@ impl Default for Config {
             pool: PoolConfig::default(),
             cache: CacheConfig::default(),
             redis: RedisConfig::default(),
+            admin: AdminConfig::default(),
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
         }
@@ -225,6 +233,16 @@ impl Default for CacheConfig {
     }
 }
 
+/// The admin console: the virtual database `pgstash`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Users allowed in; empty means any user.
+    pub users: Vec<String>,
+    /// Accept admin connections from other hosts than this one.
+    pub allow_remote: bool,
+}
+
 /// The shared tier and invalidation bus.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -245,6 +263,10 @@ pub struct RedisConfig {
     pub timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long publishing a write may take (three tries): a lost bump
+    /// would leave other instances serving what the write changed.
+    #[serde(with = "humantime_serde")]
+    pub bump_timeout: Duration,
     /// Consecutive failures that open the circuit; while open, Redis is not
     /// asked and costs nothing.
     pub circuit_failures: u32,
@@ -257,6 +279,12 @@ pub struct RedisConfig {
     pub on_failure: String,
     #[serde(with = "humantime_serde")]
     pub degraded_ttl: Duration,
+    /// Every pgstash announces itself on the bus this often; a pgstash that
+    /// has heard nothing on the bus for three times as long stops trusting
+    /// its local tier. This bounds how long a stalled subscription can
+    /// leave it serving results another pgstash has invalidated.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
 }
 
 impl Default for RedisConfig {
@@ -268,10 +296,12 @@ impl Default for RedisConfig {
             prefix: "pgstash:".into(),
             timeout: Duration::from_millis(25),
             connect_timeout: Duration::from_millis(500),
+            bump_timeout: Duration::from_millis(500),
             circuit_failures: 3,
             circuit_open_for: Duration::from_secs(2),
             on_failure: "pass-through".into(),
             degraded_ttl: Duration::from_secs(1),
+            heartbeat: Duration::from_millis(50),
         }
     }
 }
@@ -306,6 +336,12 @@ impl Config {
             if let Some(path) = name.strip_prefix("PGSTASH_") {
                 // PGSTASH_CONFIG names the file itself.
                 if path == "CONFIG" {
+                    continue;
+                }
+                if !is_known_setting(path) {
+                    // Other tools share the prefix (test harnesses, wrappers):
+                    // a variable that names no setting is not ours.
+                    eprintln!("pgstash: ignoring PGSTASH_{path}: no such setting");
                     continue;
                 }
                 apply_override(&mut table, path, value);
@@ -467,6 +503,27 @@ fn apply_override(table: &mut toml::Table, path: &str, value: &str) {
     current.insert(last.to_owned(), parse_env_value(value));
 }
 
+/// Whether `SECTION__KEY` is meant for pgstash's configuration: its top
+/// level must exist there (the maps `databases` and `users` may be empty).
+fn is_known_setting(path: &str) -> bool {
+    let lowered = path.to_ascii_lowercase();
+    let mut parts = lowered.split("__");
+    let Some(first) = parts.next() else {
+        return false;
+    };
+    let Ok(toml::Value::Table(defaults)) = toml::Value::try_from(Config::default()) else {
+        return false;
+    };
+    match defaults.get(first) {
+        // Within a known section, a misspelt key is refused with a clear
+        // error by the deserialiser, as in the file.
+        Some(toml::Value::Table(_)) => parts.next().is_some(),
+        Some(_) => parts.next().is_none(),
+        // Empty maps and unset options do not appear in the defaults.
+        None => matches!(first, "databases" | "users"),
+    }
+}
+
 fn parse_env_value(value: &str) -> toml::Value {
     if let Ok(i) = value.parse::<i64>() {
         return toml::Value::Integer(i);
@@ -508,6 +565,24 @@ mod tests {
         assert_eq!(config.password_for("bob").as_deref(), Some("s@cret"));
         assert!(config.to_masked_toml().contains("********"));
         assert!(!config.to_masked_toml().contains("s@cret"));
+    }
+
+    #[test]
+    fn foreign_environment_variables_are_ignored() {
+        let env = vec![
+            ("PGSTASH_TEST_LOG".to_string(), "debug".to_string()),
+            ("PGSTASH_CONFIG".to_string(), "/x.toml".to_string()),
+            ("PGSTASH_USERS__APP__PASSWORD".to_string(), "s".to_string()),
+            (
+                "PGSTASH_REDIS__URL".to_string(),
+                "redis://r:6379".to_string(),
+            ),
+            ("PGSTASH_UPSTREAM__PASSWORD".to_string(), "u".to_string()),
+        ];
+        let config = Config::from_toml_and_env("", &env).unwrap();
+        assert_eq!(config.password_for("app").as_deref(), Some("s"));
+        assert_eq!(config.redis.url, "redis://r:6379");
+        assert_eq!(config.upstream.password.as_deref(), Some("u"));
     }
 
     #[test]

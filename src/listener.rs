@@ -16,9 +16,23 @@ use crate::config::Config;
 use crate::session::{self, cancel::CancelRegistry};
 use crate::upstream::PoolSet;
 
+/// What SHOW CLIENTS tells about one client.
+#[derive(Debug)]
+pub struct ClientInfo {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub addr: String,
+    pub application_name: String,
+    pub connected_at: std::time::SystemTime,
+    /// Holding a server connection right now.
+    pub attached: AtomicBool,
+}
+
 /// State every session shares.
 pub struct Proxy {
-    config: Arc<Config>,
+    /// Swapped whole on RELOAD.
+    config: arc_swap::ArcSwap<Config>,
     pub pools: Arc<PoolSet>,
     pub cancels: CancelRegistry,
     /// The result cache, when enabled.
@@ -28,6 +42,11 @@ pub struct Proxy {
     draining: AtomicBool,
     /// Where the HTTP endpoint listens, once bound.
     pub metrics_addr: OnceLock<SocketAddr>,
+    pub client_infos: std::sync::Mutex<std::collections::HashMap<u64, Arc<ClientInfo>>>,
+    /// SHUTDOWN from the admin console.
+    pub shutdown_requested: tokio::sync::Notify,
+    /// The file the configuration came from, for RELOAD.
+    pub config_path: OnceLock<std::path::PathBuf>,
 }
 
 impl Proxy {
@@ -38,22 +57,82 @@ impl Proxy {
             .then(|| Arc::new(Cache::new(config.cache.clone(), config.redis.clone())));
         Arc::new(Proxy {
             cache,
-            config: Arc::new(config),
+            config: arc_swap::ArcSwap::from_pointee(config),
             pools: Arc::new(PoolSet::default()),
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
             next_client: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             metrics_addr: OnceLock::new(),
+            client_infos: std::sync::Mutex::new(std::collections::HashMap::new()),
+            shutdown_requested: tokio::sync::Notify::new(),
+            config_path: OnceLock::new(),
         })
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config.clone()
+        self.config.load_full()
     }
 
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
+    }
+
+    pub fn register_client(&self, info: Arc<ClientInfo>) {
+        self.client_infos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(info.id, info);
+    }
+
+    pub fn unregister_client(&self, id: u64) {
+        self.client_infos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    pub fn clients(&self) -> Vec<Arc<ClientInfo>> {
+        let mut all: Vec<_> = self
+            .client_infos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by_key(|c| c.id);
+        all
+    }
+
+    /// Swaps in a new configuration (RELOAD).
+    pub fn replace_config(&self, config: Config) {
+        self.config.store(Arc::new(config));
+    }
+
+    /// Whether some upstream server accepts TCP connections (for /readyz).
+    pub async fn upstream_reachable(&self) -> bool {
+        let config = self.config();
+        let mut addresses: Vec<(String, u16)> = Vec::new();
+        if !config.upstream.host.is_empty() {
+            addresses.push((config.upstream.host.clone(), config.upstream.port));
+        }
+        for db in config.databases.values() {
+            let host = db
+                .host
+                .clone()
+                .unwrap_or_else(|| config.upstream.host.clone());
+            addresses.push((host, db.port.unwrap_or(config.upstream.port)));
+        }
+        if addresses.is_empty() {
+            return true;
+        }
+        for (host, port) in addresses {
+            let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), connect).await {
+                return true;
+            }
+        }
+        false
     }
 
     pub fn is_draining(&self) -> bool {
@@ -104,10 +183,10 @@ pub async fn run(
 ) {
     proxy.pools.spawn_maintenance();
     crate::admin::metrics::install();
-    let http = if proxy.config.metrics_listen.is_empty() {
+    let http = if proxy.config().metrics_listen.is_empty() {
         None
     } else {
-        match TcpListener::bind(&proxy.config.metrics_listen).await {
+        match TcpListener::bind(&proxy.config().metrics_listen).await {
             Ok(l) => {
                 if let Ok(addr) = l.local_addr() {
                     let _ = proxy.metrics_addr.set(addr);
@@ -116,7 +195,7 @@ pub async fn run(
                 Some(tokio::spawn(crate::admin::http::serve(l, proxy.clone())))
             }
             Err(e) => {
-                tracing::error!(error = %e, addr = %proxy.config.metrics_listen, "cannot bind the HTTP endpoint");
+                tracing::error!(error = %e, addr = %proxy.config().metrics_listen, "cannot bind the HTTP endpoint");
                 None
             }
         }
@@ -148,11 +227,37 @@ pub async fn run(
             }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = &mut shutdown => break,
+            _ = proxy.shutdown_requested.notified() => break,
         }
     }
     proxy.draining.store(true, Ordering::Relaxed);
+    let grace = proxy.config().drain_grace;
+    if !grace.is_zero() {
+        tracing::info!(
+            ?grace,
+            "draining: /readyz fails; still accepting during the grace period"
+        );
+        let until = tokio::time::Instant::now() + grace;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    if let Ok((stream, peer)) = accepted {
+                        proxy.clients.fetch_add(1, Ordering::Relaxed);
+                        let guard = ClientGuard(proxy.clone());
+                        let proxy = proxy.clone();
+                        let stop = stop_rx.clone();
+                        sessions.spawn(async move {
+                            let _guard = guard;
+                            session::run(stream, peer, proxy, stop).await;
+                        });
+                    }
+                }
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+    }
     drop(listener);
-    let deadline = proxy.config.shutdown_timeout;
+    let deadline = proxy.config().shutdown_timeout;
     tracing::info!(clients = sessions.len(), "shutting down: draining clients");
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(deadline, async {

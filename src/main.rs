@@ -61,15 +61,7 @@ fn load(cli: &Cli) -> Result<Config, String> {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    pgstash::admin::logging::init(&config.log_level, config.log_format == "json");
 }
 
 async fn shutdown_signal() {
@@ -87,6 +79,22 @@ async fn shutdown_signal() {
     }
 }
 
+/// SIGHUP re-reads the configuration file, as RELOAD does.
+fn spawn_reload_on_sighup(proxy: std::sync::Arc<Proxy>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match pgstash::admin::console::reload(&proxy) {
+                Ok(outcome) => tracing::info!(outcome, "SIGHUP"),
+                Err(e) => tracing::error!(error = %e, "reload failed; old configuration kept"),
+            }
+        }
+    });
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match load(&cli) {
@@ -101,6 +109,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config);
+    let config_path = cli.config.clone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -121,6 +130,10 @@ fn main() -> ExitCode {
         };
         tracing::info!(listen = %config.listen, upstream = %config.upstream.host, "pgstash listening");
         let proxy = Proxy::new(config);
+        if let Some(path) = &config_path {
+            let _ = proxy.config_path.set(path.clone());
+        }
+        spawn_reload_on_sighup(proxy.clone());
         listener::run(listener, proxy, shutdown_signal()).await;
         ExitCode::SUCCESS
     })

@@ -23,6 +23,10 @@ use tokio_postgres::{Client, NoTls};
 /// reported as one instead of stalling the run.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A query only Postgres can answer: its volatile function keeps pgstash's
+/// result cache out of the way of tests about servers and pools.
+const UPSTREAM_QUERY: &str = "SELECT random()";
+
 // --- Raw protocol -----------------------------------------------------------
 
 fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
@@ -166,7 +170,10 @@ impl Bystander {
             let stop = stop.clone();
             let done = done.clone();
             async move {
-                let statement = client.prepare("SELECT $1::int + 1").await.unwrap();
+                let statement = client
+                    .prepare("SELECT $1::int + 1 + (random() * 0)::int")
+                    .await
+                    .unwrap();
                 let mut i = 0i32;
                 while !stop.load(Ordering::Relaxed) {
                     let row = tokio::time::timeout(IO_TIMEOUT, client.query_one(&statement, &[&i]))
@@ -174,7 +181,7 @@ impl Bystander {
                         .expect("bystander query hung")
                         .expect("bystander query failed");
                     assert_eq!(row.get::<_, i32>(0), i + 1);
-                    tokio::time::timeout(IO_TIMEOUT, client.simple_query("SELECT 1"))
+                    tokio::time::timeout(IO_TIMEOUT, client.simple_query(UPSTREAM_QUERY))
                         .await
                         .expect("bystander simple query hung")
                         .expect("bystander simple query failed");
@@ -393,9 +400,9 @@ async fn truncated_frames_then_close_give_the_server_back() {
     let a = proxy.connect("test").await;
     let b = proxy.connect("test").await;
     a.batch_execute("BEGIN").await.unwrap();
-    a.query_one("SELECT 1", &[]).await.unwrap();
+    a.query_one(UPSTREAM_QUERY, &[]).await.unwrap();
     b.batch_execute("BEGIN").await.unwrap();
-    b.query_one("SELECT 1", &[]).await.unwrap();
+    b.query_one(UPSTREAM_QUERY, &[]).await.unwrap();
     a.batch_execute("COMMIT").await.unwrap();
     b.batch_execute("COMMIT").await.unwrap();
 
@@ -467,15 +474,15 @@ async fn waiting_for_a_busy_pool_is_bounded() {
     let holder = proxy.connect("test").await;
     let waiter = proxy.connect("test").await;
     holder.batch_execute("BEGIN").await.unwrap();
-    holder.query_one("SELECT 1", &[]).await.unwrap();
+    holder.query_one(UPSTREAM_QUERY, &[]).await.unwrap();
 
     for simple in [false, true] {
         let started = Instant::now();
         let result = tokio::time::timeout(Duration::from_secs(5), async {
             if simple {
-                waiter.simple_query("SELECT 1").await.map(drop)
+                waiter.simple_query(UPSTREAM_QUERY).await.map(drop)
             } else {
-                waiter.query_one("SELECT 1", &[]).await.map(drop)
+                waiter.query_one(UPSTREAM_QUERY, &[]).await.map(drop)
             }
         })
         .await
@@ -501,8 +508,7 @@ async fn waiting_for_a_busy_pool_is_bounded() {
     assert!(started.elapsed() < Duration::from_secs(5));
 
     holder.batch_execute("COMMIT").await.unwrap();
-    let row = waiter.query_one("SELECT 2", &[]).await.unwrap();
-    assert_eq!(row.get::<_, i32>(0), 2);
+    waiter.query_one(UPSTREAM_QUERY, &[]).await.unwrap();
 }
 
 // --- Upstream restart ---------------------------------------------------------
@@ -521,8 +527,14 @@ fn describe(error: &tokio_postgres::Error) -> String {
 }
 
 /// Runs short queries until stopped, reconnecting when its connection is
-/// gone; every outcome is timestamped.
-async fn loop_queries(conn_str: String, extended: bool, stop: Arc<AtomicBool>) -> Vec<Outcome> {
+/// gone; every outcome is timestamped, and successes are counted as they
+/// happen so the test can follow along.
+async fn loop_queries(
+    conn_str: String,
+    extended: bool,
+    stop: Arc<AtomicBool>,
+    successes: Arc<AtomicU64>,
+) -> Vec<Outcome> {
     let mut outcomes = Vec::new();
     let mut client: Option<(Client, Option<tokio_postgres::Statement>)> = None;
     let mut i = 0i32;
@@ -543,12 +555,12 @@ async fn loop_queries(conn_str: String, extended: bool, stop: Arc<AtomicBool>) -
         let (c, statement) = client.as_mut().expect("connected above");
         let result = tokio::time::timeout(IO_TIMEOUT, async {
             if !extended {
-                return c.simple_query("SELECT 1").await.map(drop);
+                return c.simple_query(UPSTREAM_QUERY).await.map(drop);
             }
             // Prepared once per connection and reused across restarts: the
             // statement must follow the client onto new server connections.
             if statement.is_none() {
-                *statement = Some(c.prepare("SELECT $1::int").await?);
+                *statement = Some(c.prepare("SELECT $1::int + (random() * 0)::int").await?);
             }
             let row = c.query_one(statement.as_ref().unwrap(), &[&i]).await?;
             assert_eq!(row.get::<_, i32>(0), i);
@@ -556,6 +568,9 @@ async fn loop_queries(conn_str: String, extended: bool, stop: Arc<AtomicBool>) -
         })
         .await
         .unwrap_or_else(|_| panic!("a query hung for {IO_TIMEOUT:?}"));
+        if result.is_ok() {
+            successes.fetch_add(1, Ordering::Relaxed);
+        }
         outcomes.push(Outcome {
             at: Instant::now(),
             error: result.err().map(|e| describe(&e)),
@@ -564,6 +579,30 @@ async fn loop_queries(conn_str: String, extended: bool, stop: Arc<AtomicBool>) -
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     outcomes
+}
+
+/// Waits until every loop has `more` successes beyond its count now.
+async fn wait_for_successes(successes: &[Arc<AtomicU64>], more: u64, when: &str) {
+    let targets: Vec<u64> = successes
+        .iter()
+        .map(|s| s.load(Ordering::Relaxed) + more)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while successes
+        .iter()
+        .zip(&targets)
+        .any(|(s, &target)| s.load(Ordering::Relaxed) < target)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "query loops stalled {when}: {:?} of {targets:?}",
+            successes
+                .iter()
+                .map(|s| s.load(Ordering::Relaxed))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -577,14 +616,24 @@ async fn pgstash_recovers_when_postgres_restarts() {
     .await;
     let conn_str = proxy.conn_str("postgres");
     let probe = proxy.connect("postgres").await;
-    probe.simple_query("SELECT 1").await.unwrap();
+    probe.simple_query(UPSTREAM_QUERY).await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let loops: Vec<_> = (0..6)
-        .map(|n| tokio::spawn(loop_queries(conn_str.clone(), n % 2 == 0, stop.clone())))
+    let successes: Vec<Arc<AtomicU64>> = (0..6).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let loops: Vec<_> = successes
+        .iter()
+        .enumerate()
+        .map(|(n, count)| {
+            tokio::spawn(loop_queries(
+                conn_str.clone(),
+                n % 2 == 0,
+                stop.clone(),
+                count.clone(),
+            ))
+        })
         .collect();
-    // Let every loop get going against a healthy server.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every loop gets going against a healthy server first.
+    wait_for_successes(&successes, 5, "before the restart").await;
 
     let stopping = Instant::now();
     tokio::task::block_in_place(|| cluster.stop());
@@ -595,9 +644,10 @@ async fn pgstash_recovers_when_postgres_restarts() {
     let mut seen = Vec::new();
     loop {
         let started = Instant::now();
-        let result = tokio::time::timeout(Duration::from_secs(8), probe.simple_query("SELECT 1"))
-            .await
-            .expect("a query with postgres down hung");
+        let result =
+            tokio::time::timeout(Duration::from_secs(8), probe.simple_query(UPSTREAM_QUERY))
+                .await
+                .expect("a query with postgres down hung");
         let error = result.expect_err("a query succeeded with postgres down");
         let took = started.elapsed();
         let code = describe(&error);
@@ -613,7 +663,9 @@ async fn pgstash_recovers_when_postgres_restarts() {
     }
     let started = Instant::now();
     let login = try_connect(&conn_str).await;
-    let error = login.err().expect("logged in with postgres down");
+    let Err(error) = login else {
+        panic!("logged in with postgres down");
+    };
     assert!(
         matches!(sqlstate(&error), Some("57P03" | "08006")),
         "login with postgres down: {error}"
@@ -622,15 +674,15 @@ async fn pgstash_recovers_when_postgres_restarts() {
 
     tokio::task::block_in_place(|| cluster.start_again());
     let restarted = Instant::now();
-    // Long enough for every loop to have recovered, with room to spare for
-    // spotting errors after recovery.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Every loop must get back to work, and then keep working for a while
+    // so that errors after recovery would show.
+    wait_for_successes(&successes, 50, "after the restart").await;
     stop.store(true, Ordering::Relaxed);
     let mut histories = Vec::new();
     for handle in loops {
         histories.push(handle.await.expect("query loop panicked"));
     }
-    let recovered = tokio::time::timeout(IO_TIMEOUT, probe.simple_query("SELECT 1"))
+    let recovered = tokio::time::timeout(IO_TIMEOUT, probe.simple_query(UPSTREAM_QUERY))
         .await
         .expect("probe hung after the restart");
     assert!(
@@ -752,7 +804,9 @@ async fn sigterm_lets_the_transaction_in_flight_finish() {
         .spawn()
         .expect("start pgstash");
     let mut process = Process { child, log };
-    let conn_str = format!("host=127.0.0.1 port={port} user=postgres dbname=test");
+    let app = unique("sigterm");
+    let conn_str =
+        format!("host=127.0.0.1 port={port} user=postgres dbname=test application_name={app}");
 
     // Ready once a login goes through; that also means the accept loop, and
     // with it the signal handler, is running.
@@ -801,9 +855,25 @@ async fn sigterm_lets_the_transaction_in_flight_finish() {
             Ok::<_, tokio_postgres::Error>(client)
         }
     });
-    // Give the pg_sleep a moment to be on its way so the signal lands
-    // while it runs; the transaction is open either way.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The signal should land while the pg_sleep runs on the server.
+    let observer = support::direct("test").await;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let running: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND state = 'active' AND query LIKE '%pg_sleep%'",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pg_sleep never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let signalled = Instant::now();
     process.signal("TERM");
 
@@ -861,7 +931,8 @@ async fn sigterm_lets_the_transaction_in_flight_finish() {
     );
     assert!(
         exited_after < Duration::from_secs(5),
-        "idle clients held up shutdown: exit {exited_after:?} after SIGTERM"
+        "idle clients held up shutdown: exit {exited_after:?} after SIGTERM\n{}",
+        process.log()
     );
     assert!(bystander.simple_query("SELECT 1").await.is_err());
     assert!(client.simple_query("SELECT 1").await.is_err());

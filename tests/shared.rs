@@ -25,6 +25,33 @@ async fn scalar(client: &Client, sql: &str) -> String {
         .unwrap_or_default()
 }
 
+fn fills(proxy: &TestProxy) -> u64 {
+    proxy
+        .proxy
+        .cache
+        .as_ref()
+        .expect("cache on")
+        .stats
+        .fills
+        .load(Ordering::Relaxed)
+}
+
+/// Runs `sql` through `client` and waits until its fill is stored in both
+/// tiers (fills are stored after the answer is sent).
+async fn read_and_wait_for_fill(proxy: &TestProxy, client: &Client, sql: &str) -> String {
+    let before = fills(proxy);
+    let value = scalar(client, sql).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fills(proxy) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the fill of {sql} was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    value
+}
+
 fn shared(proxy: &TestProxy) -> &SharedTier {
     proxy
         .proxy
@@ -36,7 +63,7 @@ fn shared(proxy: &TestProxy) -> &SharedTier {
 
 async fn start_with_redis(url: &str, prefix: &str, extra: &str) -> TestProxy {
     let proxy = TestProxy::start(&format!(
-        "[redis]\nurl = \"{url}\"\nprefix = \"{prefix}:\"\n{extra}\n"
+        "[redis]\nurl = \"{url}\"\nprefix = \"{prefix}:\"\ntimeout = \"500ms\"\n{extra}\n"
     ))
     .await;
     wait_for_bus(&proxy).await;
@@ -44,7 +71,7 @@ async fn start_with_redis(url: &str, prefix: &str, extra: &str) -> TestProxy {
 }
 
 async fn wait_for_bus(proxy: &TestProxy) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !shared(proxy).bus_healthy.load(Ordering::SeqCst) {
         assert!(Instant::now() < deadline, "invalidation bus never came up");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -67,18 +94,15 @@ async fn a_fill_through_one_pgstash_is_a_redis_hit_through_another() {
     let ca = a.connect("test").await;
     let cb = b.connect("test").await;
     let sql = format!("SELECT v FROM {t}");
-    assert_eq!(scalar(&ca, &sql).await, "42");
-    // The fill is stored asynchronously; wait until it is in Redis.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let before = shared(&b).stats.hits.load(Ordering::Relaxed);
-        assert_eq!(scalar(&cb, &sql).await, "42");
-        if shared(&b).stats.hits.load(Ordering::Relaxed) > before {
-            break;
-        }
-        assert!(Instant::now() < deadline, "B never hit A's fill in redis");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "42");
+    assert_eq!(scalar(&cb, &sql).await, "42");
+    assert_eq!(
+        shared(&b).stats.hits.load(Ordering::Relaxed),
+        1,
+        "B did not hit A's fill in redis"
+    );
+    // Promoted to B's local tier (which B uses while its bus is fresh).
+    assert_eq!(scalar(&cb, &sql).await, "42");
     direct
         .batch_execute(&format!("DROP TABLE {t}"))
         .await
@@ -188,7 +212,7 @@ async fn corrupt_values_in_redis_are_never_served() {
         .unwrap();
     let ca = a.connect("test").await;
     let sql = format!("SELECT v FROM {t}");
-    assert_eq!(scalar(&ca, &sql).await, "right");
+    assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "right");
     let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     let pattern = format!("{prefix}:r:*");
@@ -434,17 +458,14 @@ async fn two_pgstash_on_a_redis_cluster() {
     }
     // A's fills are Redis hits for B on the cluster too.
     let sql2 = format!("SELECT v + 1 FROM {t}");
-    assert_eq!(scalar(&ca, &sql2).await, "21");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let before = shared(&b).stats.hits.load(Ordering::Relaxed);
-        assert_eq!(scalar(&cb, &sql2).await, "21");
-        if shared(&b).stats.hits.load(Ordering::Relaxed) > before {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no redis hit on the cluster");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eq!(read_and_wait_for_fill(&a, &ca, &sql2).await, "21");
+    let before = shared(&b).stats.hits.load(Ordering::Relaxed);
+    assert_eq!(scalar(&cb, &sql2).await, "21");
+    assert_eq!(
+        shared(&b).stats.hits.load(Ordering::Relaxed),
+        before + 1,
+        "no redis hit on the cluster"
+    );
     direct
         .batch_execute(&format!("DROP TABLE {t}"))
         .await
@@ -538,7 +559,9 @@ async fn two_pgstash_behind_redis_sentinel() {
 async fn concurrent_checker_across_two_pgstash() {
     use std::sync::{Arc, Mutex};
     const ROWS: i64 = 4;
-    const BOUND: Duration = Duration::from_millis(100);
+    // Three heartbeats: past that a lagging subscriber stops trusting its
+    // local tier.
+    const BOUND: Duration = Duration::from_millis(300);
     let duration = Duration::from_secs(
         std::env::var("PGSTASH_CHECKER_SECS")
             .ok()
@@ -558,8 +581,8 @@ async fn concurrent_checker_across_two_pgstash() {
         .await
         .unwrap();
     // Per row: (completed at, version) of every write.
-    let completed: Arc<Vec<Mutex<Vec<(Instant, i64)>>>> =
-        Arc::new((0..ROWS).map(|_| Mutex::new(Vec::new())).collect());
+    type Completions = Arc<Vec<Mutex<Vec<(Instant, i64)>>>>;
+    let completed: Completions = Arc::new((0..ROWS).map(|_| Mutex::new(Vec::new())).collect());
     let deadline = Instant::now() + duration;
     let mut writers = Vec::new();
     for w in 0..2 {
@@ -588,6 +611,7 @@ async fn concurrent_checker_across_two_pgstash() {
         let (t, completed) = (t.clone(), completed.clone());
         readers.push(tokio::spawn(async move {
             let (mut violations, mut within_bound, mut reads) = (0u64, 0u64, 0u64);
+            let mut worst = Duration::ZERO;
             let mut n = 0i64;
             while Instant::now() < deadline {
                 let id = (n + r) % ROWS;
@@ -612,10 +636,18 @@ async fn concurrent_checker_across_two_pgstash() {
                 reads += 1;
                 if seen < floor {
                     violations += 1;
+                    // How long ago the write this read missed had completed.
+                    let writes = completed[id as usize].lock().unwrap();
+                    if let Some((at, _)) = writes.iter().find(|(_, v)| *v == seen + 1) {
+                        worst = worst.max(began.duration_since(*at));
+                    }
                 } else if seen < recent_floor {
                     within_bound += 1;
                 }
                 n += 1;
+            }
+            if violations > 0 {
+                eprintln!("reader {r}: {violations} stale reads, oldest missed write completed {worst:?} before the read");
             }
             (violations, within_bound, reads)
         }));

@@ -58,17 +58,14 @@ async fn respond(mut stream: TcpStream, proxy: Arc<Proxy>) -> std::io::Result<()
         }
         "/healthz" => write(&mut stream, "200 OK", "text/plain", "ok\n").await,
         "/readyz" => {
-            if proxy.is_draining() {
-                write(
-                    &mut stream,
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "draining\n",
-                )
-                .await
+            let (status, body) = if proxy.is_draining() {
+                ("503 Service Unavailable", "draining\n")
+            } else if !proxy.upstream_reachable().await {
+                ("503 Service Unavailable", "upstream unreachable\n")
             } else {
-                write(&mut stream, "200 OK", "text/plain", "ready\n").await
-            }
+                ("200 OK", "ready\n")
+            };
+            write(&mut stream, status, "text/plain", body).await
         }
         _ => write(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
     }

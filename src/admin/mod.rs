@@ -1,4 +1,7 @@
-//! Operating pgstash: metrics and the HTTP endpoint that serves them.
+//! Operating pgstash: the admin console, metrics, the HTTP endpoint and
+//! logging.
 
+pub mod console;
 pub mod http;
+pub mod logging;
 pub mod metrics;

@@ -13,8 +13,19 @@ use futures_util::StreamExt;
 use super::generations::Generations;
 use super::shared::{parse_bump, SharedTier};
 
-/// Keeps the subscription up for as long as the cache exists.
+/// Keeps the subscription up for as long as the cache exists, and
+/// announces this instance on it so a stalled subscription is noticed.
 pub fn spawn(shared: Arc<SharedTier>, generations: Weak<Generations>) {
+    let beating = shared.clone();
+    let alive = generations.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(beating.config().heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while alive.upgrade().is_some() {
+            tick.tick().await;
+            let _ = beating.heartbeat().await;
+        }
+    });
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -50,6 +61,7 @@ async fn subscribe_and_follow(
         .await
         .map_err(|e| e.to_string())?;
     resync(shared, generations).await?;
+    shared.heard_now();
     shared.bus_healthy.store(true, Ordering::SeqCst);
     tracing::info!("invalidation bus subscribed");
     let mut messages = pubsub.on_message();

@@ -39,10 +39,13 @@ impl Expiry<u128, Arc<Entry>> for PerEntryTtl {
 
 pub struct LocalTier {
     entries: Cache<u128, Arc<Entry>>,
+    evictions: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LocalTier {
     pub fn new(capacity_bytes: u64) -> LocalTier {
+        let evictions = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = evictions.clone();
         let entries = Cache::builder()
             .max_capacity(capacity_bytes)
             .weigher(|_key, entry: &Arc<Entry>| {
@@ -52,8 +55,11 @@ impl LocalTier {
                 u32::try_from(size).unwrap_or(u32::MAX)
             })
             .expire_after(PerEntryTtl)
-            .eviction_listener(|_key, _entry, cause| {
+            .eviction_listener(move |_key, _entry, cause| {
                 use moka::notification::RemovalCause;
+                if cause.was_evicted() {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 crate::admin::metrics::eviction(match cause {
                     RemovalCause::Size => "size",
                     RemovalCause::Expired => "expired",
@@ -62,7 +68,7 @@ impl LocalTier {
                 });
             })
             .build();
-        LocalTier { entries }
+        LocalTier { entries, evictions }
     }
 
     pub fn get(&self, key: u128) -> Option<Arc<Entry>> {
@@ -79,6 +85,11 @@ impl LocalTier {
 
     pub fn clear(&self) {
         self.entries.invalidate_all();
+    }
+
+    /// Entries dropped for size or age (not replaced or invalidated).
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn entry_count(&self) -> u64 {

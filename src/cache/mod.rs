@@ -13,6 +13,7 @@ pub mod generations;
 pub mod key;
 pub mod local;
 pub mod policy;
+pub mod shapes;
 pub mod shared;
 
 use std::collections::HashMap;
@@ -111,12 +112,14 @@ struct CatalogSlot {
 }
 
 pub struct Cache {
-    pub config: CacheConfig,
+    /// Swapped whole on RELOAD (rules, TTLs); capacity needs a restart.
+    pub config: arc_swap::ArcSwap<CacheConfig>,
     pub local: LocalTier,
     pub generations: Arc<Generations>,
     /// The Redis tier and bus, when configured.
     pub shared: Option<Arc<SharedTier>>,
     pub stats: CacheStats,
+    pub shapes: shapes::Shapes,
     pub flights: Arc<flight::Flights>,
     analyses: moka::sync::Cache<u128, Arc<Analysis>>,
     catalogs: RwLock<HashMap<Target, CatalogSlot>>,
@@ -136,10 +139,11 @@ impl Cache {
             generations,
             shared,
             stats: CacheStats::default(),
+            shapes: shapes::Shapes::default(),
             flights: Arc::new(flight::Flights::default()),
             analyses: moka::sync::Cache::new(config.analysis_capacity),
             catalogs: RwLock::new(HashMap::new()),
-            config,
+            config: arc_swap::ArcSwap::from_pointee(config),
         }
     }
 
@@ -149,9 +153,7 @@ impl Cache {
     pub fn local_trusted(&self) -> bool {
         match &self.shared {
             None => true,
-            Some(shared) => {
-                shared.bus_healthy.load(Ordering::SeqCst) || shared.config().on_failure == "local"
-            }
+            Some(shared) => shared.bus_fresh() || shared.config().on_failure == "local",
         }
     }
 
@@ -159,7 +161,7 @@ impl Cache {
     /// (in "local" fallback) only entries younger than `degraded_ttl`.
     pub fn local_entry_usable(&self, entry: &Entry) -> bool {
         match &self.shared {
-            Some(shared) if !shared.bus_healthy.load(Ordering::SeqCst) => {
+            Some(shared) if !shared.bus_fresh() => {
                 shared.config().on_failure == "local"
                     && entry.stored_at.elapsed() < shared.config().degraded_ttl
             }
@@ -173,7 +175,7 @@ impl Cache {
         let Some(shared) = &self.shared else {
             return Ok(self.generations.snapshot(database, tables));
         };
-        if shared.bus_healthy.load(Ordering::SeqCst) {
+        if shared.bus_fresh() {
             if let Some(snapshot) = self.generations.known(database, tables) {
                 return Ok(snapshot);
             }
@@ -259,14 +261,56 @@ impl Cache {
                 }
                 Err(_) => false,
             };
-            cache.stats.fill(current);
             if !current {
+                cache.stats.fill(false);
                 return;
             }
             let _ = shared.put(key, &snapshot, &stored, ttl).await;
             cache.local.insert(key, entry(snapshot, stored, ttl));
+            // Counted once the entry is in both tiers.
+            cache.stats.fill(true);
             drop(leader);
         });
+    }
+
+    /// The databases whose catalogs are loaded: (name, OID).
+    pub fn databases(&self) -> Vec<(String, u32)> {
+        let catalogs = self.catalogs.read().unwrap_or_else(|e| e.into_inner());
+        catalogs
+            .iter()
+            .map(|(target, slot)| (target.database.clone(), slot.catalog.database_oid))
+            .collect()
+    }
+
+    /// `table` (`name` or `schema.name`, default search_path) in the
+    /// database named `database`: its OID and what a write to it changes.
+    pub fn resolve_table(&self, database: &str, table: &str) -> Option<(u32, Vec<u32>)> {
+        let catalogs = self.catalogs.read().unwrap_or_else(|e| e.into_inner());
+        let catalog = catalogs
+            .iter()
+            .find(|(t, _)| t.database == database)?
+            .1
+            .catalog
+            .clone();
+        drop(catalogs);
+        let name = match table.split_once('.') {
+            Some((schema, name)) => crate::sql::analyze::Name {
+                schema: Some(schema.to_owned()),
+                name: name.to_owned(),
+            },
+            None => crate::sql::analyze::Name {
+                schema: None,
+                name: table.to_owned(),
+            },
+        };
+        let schemas = catalog.search_schemas(&catalog.default_search_path, "");
+        let oid = catalog.resolve(&name, &schemas)?;
+        let tables = catalog.write_closure(oid).unwrap_or_else(|| vec![oid]);
+        Some((catalog.database_oid, tables))
+    }
+
+    pub fn top_shapes(&self, n: usize) -> Vec<shapes::ShapeStats> {
+        self.shapes.top(n)
     }
 
     /// The analysis of `sql`, parsed once per statement shape.

@@ -114,6 +114,8 @@ pub struct SharedTier {
     /// The subscription is up and the generations held locally were re-read
     /// after it (re)started: only then may the local tier be trusted.
     pub bus_healthy: AtomicBool,
+    /// When anything last arrived on the bus (µs since the epoch).
+    last_heard: AtomicU64,
     pub stats: SharedStats,
 }
 
@@ -133,6 +135,7 @@ impl SharedTier {
             circuit: Mutex::new(Circuit::default()),
             bump_script: redis::Script::new(BUMP_SCRIPT),
             bus_healthy: AtomicBool::new(false),
+            last_heard: AtomicU64::new(0),
             stats: SharedStats::default(),
         })
     }
@@ -179,6 +182,25 @@ impl SharedTier {
             }
         }
         Err(last_error)
+    }
+
+    pub fn heard_now(&self) {
+        self.last_heard.store(now_micros(), Ordering::SeqCst);
+    }
+
+    /// The bus is up and has delivered something (at least our own
+    /// heartbeat) recently: bumps from other instances are arriving.
+    pub fn bus_fresh(&self) -> bool {
+        let lease = (self.config.heartbeat * 3).as_micros() as u64;
+        self.bus_healthy.load(Ordering::SeqCst)
+            && now_micros().saturating_sub(self.last_heard.load(Ordering::SeqCst)) < lease
+    }
+
+    /// Announces this instance on the bus.
+    pub async fn heartbeat(&self) -> Result<(), SharedError> {
+        self.run::<i64>(redis::cmd("PUBLISH").arg(self.channel()).arg("hb"))
+            .await
+            .map(|_| ())
     }
 
     pub fn channel(&self) -> String {
@@ -337,7 +359,34 @@ impl SharedTier {
 
     /// Moves the generations of `tables` in Redis and announces them.
     pub async fn bump(&self, database: u32, tables: &[u32]) -> Result<Vec<u64>, SharedError> {
-        let mut conn = self.connection().await?;
+        // A lost bump leaves entries in Redis reachable under generations
+        // that are no longer true, for every instance: try harder than for
+        // a lookup, which may simply miss.
+        let mut last_error = SharedError::Reply;
+        for _ in 0..3 {
+            match self.try_bump(database, tables).await {
+                Ok(values) => return Ok(values),
+                Err(e) => last_error = e,
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn try_bump(&self, database: u32, tables: &[u32]) -> Result<Vec<u64>, SharedError> {
+        let mut conn = match self.connection().await {
+            Ok(conn) => conn,
+            // The circuit spares lookups, not writes: ask anyway.
+            Err(SharedError::CircuitOpen) => {
+                let connected =
+                    tokio::time::timeout(self.config.connect_timeout, self.connect()).await;
+                match connected {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => return Err(SharedError::Timeout),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         let mut invocation = self.bump_script.prepare_invoke();
         for &t in tables {
             invocation.key(self.generation_key(database, t));
@@ -430,6 +479,12 @@ impl SharedTier {
     }
 }
 
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// A result as stored in Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResult {
@@ -486,8 +541,12 @@ impl StoredResult {
     }
 }
 
+/// A bump as announced on the bus: database, (table, generation) pairs,
+/// and when it was sent (µs since the epoch).
+pub type Bump = (u32, Vec<(u32, u64)>, u128);
+
 /// Parses a bus message: `database|t1,t2|sent_at_us|g1,g2`.
-pub fn parse_bump(message: &str) -> Option<(u32, Vec<(u32, u64)>, u128)> {
+pub fn parse_bump(message: &str) -> Option<Bump> {
     let mut parts = message.split('|');
     let database = parts.next()?.parse().ok()?;
     let tables: Vec<u32> = parts

@@ -124,6 +124,15 @@ impl Session {
                     self.undo(expect);
                 }
                 self.tx_status = status;
+                let stats = &self.pool.stats;
+                stats
+                    .queries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if status == b'I' {
+                    stats
+                        .xacts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 if self.pending.is_empty() {
                     if let Some(since) = self.upstream_since.take() {
                         crate::admin::metrics::get()
@@ -147,6 +156,10 @@ impl Session {
             }
             _ => {}
         }
+        self.pool
+            .stats
+            .bytes_sent
+            .fetch_add(frame.raw.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.out.push(frame.raw);
     }
 
@@ -211,9 +224,15 @@ impl Session {
         self.after_batch.error_seen = true;
         // An error ends a COPY FROM STDIN on the server's side.
         self.copy_in = false;
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            let (code, message) = msg::error_fields(frame.body());
-            tracing::debug!(code, message, "server error");
+        let (code, message) = msg::error_fields(frame.body());
+        tracing::debug!(code, message, "server error");
+        if code == "0A000" && message.contains("cached plan") {
+            // A shared statement outlived a schema change made behind
+            // pgstash's back: this server's statements are stale.
+            if let Some(server) = self.server.as_mut() {
+                server.broken = true;
+            }
+            self.pool.forget_statements();
         }
         while let Some(front) = self.pending.front() {
             if front.is_sync_point() {

@@ -148,7 +148,7 @@ impl Session {
                 &ctx.catalog,
                 &ctx.schemas,
                 &self.database,
-                &cache.config,
+                &cache.config.load(),
             )
             .ok()?;
             let key = statement_key(
@@ -201,7 +201,7 @@ impl Session {
             &ctx.catalog,
             &ctx.schemas,
             &self.database,
-            &cache.config,
+            &cache.config.load(),
         ) else {
             return;
         };
@@ -233,6 +233,8 @@ impl Session {
             payload: BytesMut::new(),
             row_description: None,
             leader: None,
+            shape: None,
+            started: std::time::Instant::now(),
         }))
     }
 }

@@ -33,6 +33,9 @@ pub struct Fill {
     pub row_description: Option<Bytes>,
     /// Present when this fill leads its key's single flight.
     pub leader: Option<Leader>,
+    /// The statement shape, for per-shape upstream time.
+    pub shape: Option<u128>,
+    pub started: std::time::Instant,
 }
 
 /// What a statement's execution may have changed.
@@ -121,20 +124,18 @@ impl Session {
         let catalog = match cache.catalog(&self.pool.target) {
             Some(catalog) => catalog,
             None => {
-                if self.ensure_attached().await.is_err() {
+                // The catalog is read over an idle server: one taken from
+                // the pool now (which loads it), or the client's own when
+                // nothing is in flight and no transaction is open.
+                if self.server.is_some() && !self.is_between_transactions() {
                     return Err(Reason::CatalogUnavailable);
                 }
-                let Some(server) = self.server.as_mut() else {
+                if self.server.is_none() && self.ensure_attached().await.is_err() {
                     return Err(Reason::CatalogUnavailable);
-                };
-                match Catalog::load(server).await {
-                    Ok(catalog) => cache.store_catalog(&self.pool.target, catalog),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot load catalog; caching off for this query");
-                        server.broken = true;
-                        return Err(Reason::CatalogUnavailable);
-                    }
                 }
+                self.load_catalog()
+                    .await
+                    .ok_or(Reason::CatalogUnavailable)?
             }
         };
         let current = self.cache_state.context.as_ref().is_some_and(|c| {
@@ -164,6 +165,23 @@ impl Session {
         Ok(())
     }
 
+    /// Loads the catalog over the attached server, which must be idle.
+    pub(super) async fn load_catalog(&mut self) -> Option<Arc<Catalog>> {
+        let cache = self.cache()?;
+        if let Some(catalog) = cache.catalog(&self.pool.target) {
+            return Some(catalog);
+        }
+        let server = self.server.as_mut()?;
+        match Box::pin(Catalog::load(server)).await {
+            Ok(catalog) => Some(cache.store_catalog(&self.pool.target, catalog)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load the catalog; caching is off until it loads");
+                server.broken = true;
+                None
+            }
+        }
+    }
+
     /// Whether the session may use the cache for a statement now: outside
     /// any transaction, with nothing in flight.
     pub(super) fn cache_usable(&self) -> Result<(), Reason> {
@@ -186,13 +204,19 @@ impl Session {
         text: &str,
         analysis: &Analysis,
     ) -> Result<Option<Box<Fill>>, Reason> {
-        let result = self.simple_query_decision(text, analysis).await;
+        let mut result = self.simple_query_decision(text, analysis).await;
         if let Some(cache) = self.cache() {
-            cache.stats.count(match &result {
+            let outcome = match &result {
                 Ok(None) => Outcome::Hit,
                 Ok(Some(_)) => Outcome::Miss,
                 Err(reason) => Outcome::Bypass(*reason),
-            });
+            };
+            cache.stats.count(outcome);
+            let shape = crate::sql::fingerprint::fingerprint(text);
+            cache.shapes.record(shape, text, outcome);
+            if let Ok(Some(fill)) = &mut result {
+                fill.shape = Some(shape);
+            }
         }
         result
     }
@@ -218,7 +242,7 @@ impl Session {
             &ctx.catalog,
             &ctx.schemas,
             &self.database,
-            &cache.config,
+            &cache.config.load(),
         )?;
         let key = key::statement_key(
             ctx.context,
@@ -235,7 +259,7 @@ impl Session {
         }
         let leader = cache
             .flights
-            .lead_or_wait(key, cache.config.single_flight_timeout)
+            .lead_or_wait(key, cache.config.load().single_flight_timeout)
             .await;
         if leader.is_none() && self.serve_hit(&cache, key, &snapshot, &decision).await {
             return Ok(None);
@@ -247,6 +271,8 @@ impl Session {
             payload: BytesMut::new(),
             row_description: None,
             leader,
+            shape: None,
+            started: std::time::Instant::now(),
         })))
     }
 
@@ -301,7 +327,7 @@ impl Session {
         self.proxy
             .cache
             .as_ref()
-            .map_or(0, |c| c.config.max_entry_size)
+            .map_or(0, |c| c.config.load().max_entry_size)
     }
 
     /// Stores a completed fill if nothing it read was written meanwhile.
@@ -314,7 +340,12 @@ impl Session {
             payload,
             row_description,
             leader,
+            shape,
+            started,
         } = fill;
+        if let Some(shape) = shape {
+            cache.shapes.record_upstream(shape, started.elapsed());
+        }
         let stored = StoredResult {
             payload: payload.freeze(),
             row_description,
@@ -348,7 +379,15 @@ impl Session {
         if writes.schema {
             cache.stats.invalidation(true);
             cache.schema_changed(&self.pool.target, database).await;
-            self.pool.forget_statements();
+            // Server-side statements planned against the old schema would
+            // fail with "cached plan must not change result type": start
+            // over with fresh connections for this database.
+            for pool in self.proxy.pools.all() {
+                if pool.target.database == self.pool.target.database {
+                    pool.forget_statements();
+                    pool.reconnect();
+                }
+            }
             return;
         }
         let schemas = match self.cache_state.context.as_ref() {

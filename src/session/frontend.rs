@@ -60,6 +60,10 @@ impl Session {
             return Ok(());
         }
         let data = self.server_out.split();
+        self.pool
+            .stats
+            .bytes_received
+            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         if self.upstream_since.is_none() {
             self.upstream_since = Some(std::time::Instant::now());
         }

@@ -162,6 +162,7 @@ pub struct Session {
     batch_clean: bool,
     /// Extended-protocol messages went to the server since its last Sync.
     unsynced: bool,
+    info: Arc<crate::listener::ClientInfo>,
     /// When the oldest request now in flight was written upstream.
     upstream_since: Option<std::time::Instant>,
     /// The server is in COPY FROM STDIN and ignores Sync until the client
@@ -179,7 +180,9 @@ pub async fn run(
     let id = proxy.next_client_id();
     let span = tracing::info_span!("client", id, %peer);
     async move {
-        let session = match startup::accept(stream, id, proxy.clone()).await {
+        // Boxed: the session's state machine is deep, and the task that
+        // spawns it should not have to carry its layout.
+        let session = match Box::pin(startup::accept(stream, id, proxy.clone())).await {
             Ok(Some(session)) => session,
             Ok(None) => return,
             Err(e) => {
@@ -188,7 +191,7 @@ pub async fn run(
             }
         };
         tracing::debug!("client ready");
-        session.serve(shutdown).await;
+        Box::pin(session.serve(shutdown)).await;
     }
     .instrument(span)
     .await
@@ -323,17 +326,28 @@ impl Session {
                 return Err((e.sqlstate().to_owned(), format!("pgstash: {e}")));
             }
         }
+        self.info
+            .attached
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         *self.cancel_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(cancel::ServerCancel {
             addr: conn.cancel_addr.clone(),
             pid: conn.cancel_key.0,
             secret: conn.cancel_key.1,
         });
         self.server = Some(conn);
+        // A fresh checkout is idle: the moment to (re)load the catalog, so
+        // that writes of the transaction starting now can be resolved.
+        if self.proxy.cache.is_some() {
+            self.load_catalog().await;
+        }
         Ok(())
     }
 
     fn detach(&mut self) {
         self.unsynced = false;
+        self.info
+            .attached
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         *self.cancel_slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.server = None;
     }
@@ -383,7 +397,11 @@ impl Session {
             }
         }
         let keep = self.mode == PoolMode::Session || self.pinned.is_some();
-        if !keep || server.broken {
+        let broken = server.broken;
+        if keep && !broken && self.proxy.cache.is_some() {
+            self.load_catalog().await;
+        }
+        if !keep || broken {
             if keep {
                 // The server this client relied on is gone; so is its
                 // session state, which the client cannot get back.
@@ -467,6 +485,10 @@ impl Session {
     /// Leaves the server connection clean for its next user, or closes it.
     async fn finish(mut self) {
         self.proxy.cancels.unregister(self.cancel_key);
+        self.proxy.unregister_client(self.id);
+        self.pool
+            .clients
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let Some(mut server) = self.server.take() else {
             return;
         };

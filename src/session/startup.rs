@@ -62,7 +62,15 @@ pub async fn accept(
             proxy.cancels.cancel((pid, secret)).await;
             return Ok(None);
         }
-        Ok(Ok(Some(StartupPacket::Startup(params)))) => params,
+        Ok(Ok(Some(StartupPacket::Startup(params)))) => {
+            if params.get("database").map(String::as_str)
+                == Some(crate::admin::console::ADMIN_DATABASE)
+            {
+                crate::admin::console::serve(stream, buf, &params, proxy).await;
+                return Ok(None);
+            }
+            params
+        }
         Ok(Ok(Some(_))) => return Ok(None),
     };
     match start_session(stream, buf, id, proxy, params).await {
@@ -179,6 +187,21 @@ async fn start_session(
     msg::backend_key_data(&mut out, cancel_key.0, cancel_key.1);
     msg::ready_for_query(&mut out, b'I');
     let mode = config.pool.mode;
+    let info = Arc::new(crate::listener::ClientInfo {
+        id,
+        user: user.clone(),
+        database: database.clone(),
+        addr: stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        application_name: params.get("application_name").cloned().unwrap_or_default(),
+        connected_at: std::time::SystemTime::now(),
+        attached: std::sync::atomic::AtomicBool::new(mode == PoolMode::Session),
+    });
+    proxy.register_client(info.clone());
+    pool.clients
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut session = Session {
         id,
         proxy: proxy.clone(),
@@ -206,6 +229,7 @@ async fn start_session(
         batch_clean: false,
         upstream_since: None,
         unsynced: false,
+        info: info.clone(),
         portal_analysis: HashMap::new(),
         copy_in: false,
     };
@@ -225,6 +249,11 @@ async fn start_session(
     session.out.push(out);
     if let Err(e) = session.out.flush_to(&mut session.client).await {
         proxy.cancels.unregister(session.cancel_key);
+        proxy.unregister_client(id);
+        session
+            .pool
+            .clients
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         return Err((session.client, StartupFailure::Io(e)));
     }
     Ok(session)

@@ -60,6 +60,67 @@ pub fn fingerprint(sql: &str) -> u128 {
     hasher.digest128()
 }
 
+/// The statement with every literal (numbers and quoted strings) replaced
+/// by `?`: safe to show to operators, who must never see values.
+pub fn normalized(sql: &str) -> String {
+    let bytes = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len().min(1024));
+    let mut i = 0;
+    while i < bytes.len() && out.len() < 1024 {
+        let b = bytes[i];
+        match b {
+            b'\'' => {
+                out.push('?');
+                i = skip_quoted(bytes, i, b);
+            }
+            b'$' => {
+                // Dollar quotes and parameters alike become `?`.
+                out.push('?');
+                let rest = &sql[i + 1..];
+                match rest.find('$') {
+                    Some(end)
+                        if rest[..end].chars().all(|c| c.is_alphanumeric() || c == '_')
+                            && !rest[..end].chars().all(|c| c.is_ascii_digit())
+                            || rest.starts_with('$') =>
+                    {
+                        let tag = &sql[i..i + end + 2];
+                        i = sql[i + tag.len()..]
+                            .find(tag)
+                            .map_or(bytes.len(), |p| i + tag.len() + p + tag.len());
+                    }
+                    _ => {
+                        i += 1;
+                        while i < bytes.len() && bytes[i].is_ascii_digit() {
+                            i += 1;
+                        }
+                    }
+                }
+            }
+            b'0'..=b'9' if i == 0 || !is_identifier_byte(bytes[i - 1]) => {
+                out.push('?');
+                i = number_end(bytes, i);
+            }
+            _ if is_identifier_byte(b) || b == b'"' => {
+                let start = i;
+                if b == b'"' {
+                    i = skip_quoted(bytes, i, b);
+                } else {
+                    while i < bytes.len() && is_identifier_byte(bytes[i]) {
+                        i += 1;
+                    }
+                }
+                out.push_str(&sql[start..i]);
+            }
+            _ => {
+                let ch_len = sql[i..].chars().next().map_or(1, char::len_utf8);
+                out.push_str(&sql[i..i + ch_len]);
+                i += ch_len;
+            }
+        }
+    }
+    out
+}
+
 fn is_identifier_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80
 }
@@ -104,6 +165,15 @@ fn number_end(bytes: &[u8], i: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normalized_text_has_no_literals() {
+        assert_eq!(
+            normalized("SELECT a1 FROM t2 WHERE id = 42 AND name = 'bob''s' AND x = $1"),
+            "SELECT a1 FROM t2 WHERE id = ? AND name = ? AND x = ?"
+        );
+        assert_eq!(normalized("SELECT $$secret$$, $tag$x$tag$"), "SELECT ?, ?");
+    }
 
     #[test]
     fn numbers_fold_and_nothing_else_does() {

@@ -92,6 +92,8 @@ pub struct ServerConn {
     pub broken: bool,
 }
 
+const INTERNAL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The result of a statement pgstash runs for itself.
 #[derive(Debug, Default)]
 pub struct InternalResult {
@@ -315,6 +317,20 @@ impl ServerConn {
     /// Runs a statement of pgstash's own and reads its whole answer. Only
     /// called while no client traffic is in flight on this connection.
     pub async fn run_internal(&mut self, sql: &str) -> Result<InternalResult, UpstreamError> {
+        // A server that never answers (one still skipping to a Sync, say)
+        // must not hold its pool slot forever.
+        match tokio::time::timeout(INTERNAL_TIMEOUT, self.run_internal_unbounded(sql)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.broken = true;
+                Err(UpstreamError::Protocol(
+                    "no answer to an internal statement".into(),
+                ))
+            }
+        }
+    }
+
+    async fn run_internal_unbounded(&mut self, sql: &str) -> Result<InternalResult, UpstreamError> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out)?;
         self.write_all(&out).await?;

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,16 @@ impl PoolError {
     }
 }
 
+/// Traffic counters for SHOW STATS (PgBouncer's meanings).
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub queries: AtomicU64,
+    pub xacts: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub wait_us: AtomicU64,
+}
+
 /// Counts consecutive connect failures; while open, only one probe at a
 /// time may try to connect.
 #[derive(Default)]
@@ -53,8 +63,17 @@ pub struct Pool {
     settings: PoolConfig,
     connect_timeout: Duration,
     max_message_size: usize,
-    size: usize,
+    size: AtomicUsize,
     permits: Arc<Semaphore>,
+    /// Clients of this pool, and those waiting for a server now.
+    pub clients: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub stats: PoolStats,
+    /// PAUSE: no new transaction starts until RESUME.
+    paused: tokio::sync::watch::Sender<bool>,
+    /// RECONNECT: connections from an older generation are closed when
+    /// they come back.
+    generation: AtomicU64,
     idle: Mutex<Vec<ServerConn>>,
     circuit: Mutex<Circuit>,
     /// ParameterStatus values from the latest login, replayed to clients at
@@ -69,10 +88,14 @@ impl Pool {
     /// Lends a server connection, connecting a new one if none is idle.
     pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
         let deadline = Instant::now() + self.settings.query_wait_timeout;
-        let permit = tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned())
-            .await
-            .map_err(|_| PoolError::WaitTimeout)?
-            .map_err(|_| PoolError::WaitTimeout)?;
+        let started = Instant::now();
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = self.wait_for_permit(deadline).await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .wait_us
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let permit = permit?;
         while let Some(mut conn) = self.pop_idle() {
             if conn.created.elapsed() >= self.settings.server_lifetime {
                 tokio::spawn(conn.terminate());
@@ -90,10 +113,76 @@ impl Pool {
         Ok(self.lend(conn, permit))
     }
 
+    async fn wait_for_permit(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, PoolError> {
+        let mut paused = self.paused.subscribe();
+        tokio::time::timeout_at(deadline.into(), async {
+            while *paused.borrow_and_update() {
+                if paused.changed().await.is_err() {
+                    break;
+                }
+            }
+            self.permits.clone().acquire_owned().await
+        })
+        .await
+        .map_err(|_| PoolError::WaitTimeout)?
+        .map_err(|_| PoolError::WaitTimeout)
+    }
+
+    pub fn pause(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Closes idle connections now and the others when they come back.
+    pub fn reconnect(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Changes the pool size; connections above it close as they return.
+    pub fn resize(&self, size: usize) {
+        let old = self.size.swap(size, Ordering::Relaxed);
+        if size > old {
+            self.permits.add_permits(size - old);
+        } else if size < old {
+            let permits = self.permits.clone();
+            let shrink = old - size;
+            // Permits in use are taken back as they are released.
+            tokio::spawn(async move {
+                if let Ok(p) = permits.acquire_many_owned(shrink as u32).await {
+                    p.forget();
+                }
+            });
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    pub fn circuit_is_open(&self) -> bool {
+        let circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        circuit
+            .open_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Idle connections: (id, age, idle for).
+    pub fn idle_servers(&self) -> Vec<(u64, Duration, Duration)> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.iter()
+            .map(|c| (c.id, c.created.elapsed(), c.last_used.elapsed()))
+            .collect()
+    }
+
     fn lend(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> PooledConn {
         PooledConn {
             conn: Some(conn),
             pool: self.clone(),
+            generation: self.generation.load(Ordering::Relaxed),
             _permit: permit,
         }
     }
@@ -212,7 +301,7 @@ impl Pool {
         let now = Instant::now();
         let expired: Vec<ServerConn> = {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let min_idle = self.settings.min_idle.min(self.size);
+            let min_idle = self.settings.min_idle.min(self.size());
             let mut keep = Vec::with_capacity(idle.len());
             let mut expired = Vec::new();
             // The stack's bottom holds the least recently used connections.
@@ -233,7 +322,13 @@ impl Pool {
             conn.terminate().await;
         }
         let idle_count = self.idle.lock().unwrap_or_else(|e| e.into_inner()).len();
-        if idle_count < self.settings.min_idle.min(self.size) && self.check_circuit().is_ok() {
+        // Idle connections hold no permit: count the lent ones too, so the
+        // pool never grows past its size.
+        let open = idle_count + self.active_count();
+        if idle_count < self.settings.min_idle.min(self.size())
+            && open < self.size()
+            && self.check_circuit().is_ok()
+        {
             if let Ok(permit) = self.permits.clone().try_acquire_owned() {
                 if let Ok(conn) = self
                     .connect_with_backoff(Instant::now() + self.connect_timeout)
@@ -250,7 +345,7 @@ impl Pool {
     }
 
     pub fn active_count(&self) -> usize {
-        self.size - self.permits.available_permits()
+        self.size().saturating_sub(self.permits.available_permits())
     }
 }
 
@@ -259,6 +354,7 @@ impl Pool {
 pub struct PooledConn {
     conn: Option<ServerConn>,
     pool: Arc<Pool>,
+    generation: u64,
     // Released after the connection is back on the idle stack, so a woken
     // waiter finds it there.
     _permit: OwnedSemaphorePermit,
@@ -288,7 +384,10 @@ impl Drop for PooledConn {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        if conn.broken || !conn.read_buf.is_empty() {
+        if conn.broken
+            || !conn.read_buf.is_empty()
+            || self.generation != self.pool.generation.load(Ordering::Relaxed)
+        {
             return;
         }
         conn.last_used = Instant::now();
@@ -328,8 +427,13 @@ impl PoolSet {
                     settings: config.pool.clone(),
                     connect_timeout: config.upstream.connect_timeout,
                     max_message_size: config.max_message_size,
-                    size,
+                    size: AtomicUsize::new(size),
                     permits: Arc::new(Semaphore::new(size)),
+                    clients: AtomicUsize::new(0),
+                    waiting: AtomicUsize::new(0),
+                    stats: PoolStats::default(),
+                    paused: tokio::sync::watch::Sender::new(false),
+                    generation: AtomicU64::new(0),
                     idle: Mutex::new(Vec::new()),
                     circuit: Mutex::new(Circuit::default()),
                     server_params: Mutex::new(Vec::new()),
