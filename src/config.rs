@@ -500,7 +500,22 @@ fn apply_override(table: &mut toml::Table, path: &str, value: &str) {
         };
         current = next;
     }
-    current.insert(last.to_owned(), parse_env_value(value));
+    // Secrets and addresses are strings even when they look like numbers.
+    let textual = [
+        "password",
+        "url",
+        "host",
+        "prefix",
+        "dbname",
+        "listen",
+        "metrics_listen",
+    ];
+    let parsed = if textual.contains(&last) {
+        toml::Value::String(value.to_owned())
+    } else {
+        parse_env_value(value)
+    };
+    current.insert(last.to_owned(), parsed);
 }
 
 /// Whether `SECTION__KEY` is meant for pgstash's configuration: its top
@@ -577,12 +592,19 @@ mod tests {
                 "PGSTASH_REDIS__URL".to_string(),
                 "redis://r:6379".to_string(),
             ),
-            ("PGSTASH_UPSTREAM__PASSWORD".to_string(), "u".to_string()),
+            (
+                "PGSTASH_UPSTREAM__PASSWORD".to_string(),
+                "12345".to_string(),
+            ),
+            (
+                "PGSTASH_PORT".to_string(),
+                "tcp://10.0.0.1:6432".to_string(),
+            ),
         ];
         let config = Config::from_toml_and_env("", &env).unwrap();
         assert_eq!(config.password_for("app").as_deref(), Some("s"));
         assert_eq!(config.redis.url, "redis://r:6379");
-        assert_eq!(config.upstream.password.as_deref(), Some("u"));
+        assert_eq!(config.upstream.password.as_deref(), Some("12345"));
     }
 
     #[test]
