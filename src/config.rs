@@ -42,6 +42,10 @@ pub struct Config {
     /// Address of the HTTP endpoint (/metrics, /healthz, /readyz); empty
     /// turns it off.
     pub metrics_listen: String,
+    /// Statements slower than this upstream are logged (shape and
+    /// duration, never literals); 0 turns the slow-query log off.
+    #[serde(with = "humantime_serde")]
+    pub slow_query_threshold: Duration,
     /// Log format: "text" or "json".
     pub log_format: String,
     /// Default tracing filter, e.g. "info" or "pgstash=debug".
@@ -137,6 +141,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             drain_grace: Duration::ZERO,
             metrics_listen: String::new(),
+            slow_query_threshold: Duration::ZERO,
             log_format: "text".into(),
             log_level: "info".into(),
             upstream: UpstreamConfig::default(),

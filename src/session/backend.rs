@@ -135,9 +135,20 @@ impl Session {
                 }
                 if self.pending.is_empty() {
                     if let Some(since) = self.upstream_since.take() {
+                        let elapsed = since.elapsed();
                         crate::admin::metrics::get()
                             .upstream_duration
-                            .record(since.elapsed());
+                            .record(elapsed);
+                        let threshold = self.proxy.config().slow_query_threshold;
+                        if let Some(statement) = self.slow_candidate.take() {
+                            if !threshold.is_zero() && elapsed >= threshold {
+                                tracing::warn!(
+                                    statement,
+                                    duration_ms = elapsed.as_millis() as u64,
+                                    "slow query"
+                                );
+                            }
+                        }
                     }
                 }
                 // Before the client hears the transaction is over.

@@ -200,6 +200,9 @@ impl Session {
     }
 
     async fn on_query(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if let Some(text) = msg::query_text(frame.body()) {
+            self.note_statement(text.as_bytes());
+        }
         let effects = msg::query_text(frame.body())
             .map(session_effects)
             .unwrap_or_default();
@@ -313,6 +316,7 @@ impl Session {
         let effects = std::str::from_utf8(parse.query)
             .map(session_effects)
             .unwrap_or_default();
+        self.note_statement(parse.query);
         let analysis = self.analysis_of(parse.query);
         if let Some(analysis) = &analysis {
             self.note_unknown_effects(analysis);

@@ -163,6 +163,9 @@ pub struct Session {
     /// Extended-protocol messages went to the server since its last Sync.
     unsynced: bool,
     info: Arc<crate::listener::ClientInfo>,
+    /// The literal-free text of the statement in flight, kept only when the
+    /// slow-query log is on.
+    slow_candidate: Option<String>,
     /// When the oldest request now in flight was written upstream.
     upstream_since: Option<std::time::Instant>,
     /// The server is in COPY FROM STDIN and ignores Sync until the client
@@ -275,6 +278,14 @@ impl Session {
             .current
             .get("search_path")
             .map_or("", String::as_str)
+    }
+
+    /// Remembers a statement's shape for the slow-query log.
+    fn note_statement(&mut self, text: &[u8]) {
+        if !self.proxy.config().slow_query_threshold.is_zero() && self.slow_candidate.is_none() {
+            let text = String::from_utf8_lossy(text);
+            self.slow_candidate = Some(crate::sql::fingerprint::normalized(&text));
+        }
     }
 
     fn is_between_transactions(&self) -> bool {

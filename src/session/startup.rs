@@ -230,6 +230,7 @@ async fn start_session(
         upstream_since: None,
         unsynced: false,
         info: info.clone(),
+        slow_candidate: None,
         portal_analysis: HashMap::new(),
         copy_in: false,
     };
