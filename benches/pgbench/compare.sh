@@ -261,18 +261,22 @@ for variant in off on; do
     wait_ready "${!port_var}" "pgstash (cache $variant)" "$DB"
 done
 
-# The cache-on instance's lookup counters: "hits misses bypasses". The
-# endpoint answers one request per connection and then closes it.
+# The cache-on instance's lookup counters: "hits misses bypasses", or
+# nothing if the endpoint cannot be read (the ratio then shows n/a rather
+# than the run stopping). The endpoint answers one request per connection
+# and then closes it.
 lookups() {
-    (
-        exec 3<>"/dev/tcp/127.0.0.1/$metrics_port"
-        printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
-        cat <&3
-    ) | awk '
-        /^pgstash_cache_lookups_total\{outcome="hit"\}/ { h = $2 }
-        /^pgstash_cache_lookups_total\{outcome="miss"\}/ { m = $2 }
-        /^pgstash_cache_lookups_total\{outcome="bypass"\}/ { b = $2 }
-        END { printf "%.0f %.0f %.0f\n", h, m, b }'
+    {
+        (
+            exec 3<>"/dev/tcp/127.0.0.1/$metrics_port"
+            printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+            cat <&3
+        ) 2>/dev/null || true
+    } | awk '
+        /^pgstash_cache_lookups_total\{outcome="hit"\}/ { h = $2; seen = 1 }
+        /^pgstash_cache_lookups_total\{outcome="miss"\}/ { m = $2; seen = 1 }
+        /^pgstash_cache_lookups_total\{outcome="bypass"\}/ { b = $2; seen = 1 }
+        END { if (seen) printf "%.0f %.0f %.0f\n", h, m, b }'
 }
 
 # Percentage of lookups between two `lookups` readings that were hits.
@@ -280,6 +284,10 @@ hit_ratio() {
     local before after
     read -r -a before <<<"$1"
     read -r -a after <<<"$2"
+    if [[ ${#before[@]} -ne 3 || ${#after[@]} -ne 3 ]]; then
+        echo n/a
+        return
+    fi
     awk -v h=$((after[0] - before[0])) -v m=$((after[1] - before[1])) -v b=$((after[2] - before[2])) \
         'BEGIN { t = h + m + b; if (t == 0) print "n/a"; else printf "%.1f\n", 100 * h / t }'
 }
