@@ -292,3 +292,41 @@ async fn readyz_reports_an_unreachable_upstream_while_healthz_stays_up() {
     assert_eq!(status, 503);
     assert!(body.contains("upstream"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_speaks_to_the_admin_console() {
+    let proxy = TestProxy::start("").await;
+    let client = proxy.connect("test").await;
+    client.simple_query("SELECT 1").await.unwrap();
+    let output = std::process::Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &proxy.addr.port().to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "pgstash",
+            "-X",
+            "-A",
+            "-c",
+            "SHOW POOLS",
+            "-c",
+            "SHOW CACHE",
+        ])
+        .env_remove("PGPASSWORD")
+        .output()
+        .expect("psql (apt-get install postgresql-client)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("cl_active") && text.contains("test|postgres"),
+        "{text}"
+    );
+    assert!(text.contains("hit_ratio"), "{text}");
+}

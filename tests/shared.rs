@@ -669,3 +669,192 @@ async fn concurrent_checker_across_two_pgstash() {
         .await
         .unwrap();
 }
+
+/// Redis with a password (AUTH through the URL's user and password).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_with_auth() {
+    let own = OwnRedis::start_with(&["--requirepass", "s3cret"]);
+    let url = format!("redis://default:s3cret@127.0.0.1:{}", own.port);
+    let prefix = unique("pgstash_test");
+    let a = start_with_redis(&url, &prefix, "").await;
+    let b = start_with_redis(&url, &prefix, "").await;
+    let t = unique("auth");
+    let direct = support::direct("test").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
+        ))
+        .await
+        .unwrap();
+    let (ca, cb) = (a.connect("test").await, b.connect("test").await);
+    let sql = format!("SELECT v FROM {t}");
+    assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "0");
+    assert_eq!(scalar(&cb, &sql).await, "0");
+    assert_eq!(
+        shared(&b).stats.hits.load(Ordering::Relaxed),
+        1,
+        "no redis hit with AUTH"
+    );
+    ca.batch_execute(&format!("UPDATE {t} SET v = 1"))
+        .await
+        .unwrap();
+    let written = Instant::now();
+    while scalar(&cb, &sql).await != "1" {
+        assert!(
+            written.elapsed() < Duration::from_secs(2),
+            "B stale with AUTH"
+        );
+    }
+    // A wrong password is an unreachable Redis: queries still work.
+    let wrong = TestProxy::start(&format!(
+        "[redis]\nurl = \"redis://default:nope@127.0.0.1:{}\"\n",
+        own.port
+    ))
+    .await;
+    let cw = wrong.connect("test").await;
+    assert_eq!(scalar(&cw, &sql).await, "1");
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
+
+/// TLS to Redis (`rediss://`), the server's certificate signed by a test CA
+/// that the process trusts through SSL_CERT_FILE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let openssl = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &path("ca.key"),
+        "-out",
+        &path("ca.crt"),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=pgstash-test-ca",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &path("server.key"),
+        "-out",
+        &path("server.csr"),
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(path("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &path("server.csr"),
+        "-CA",
+        &path("ca.crt"),
+        "-CAkey",
+        &path("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &path("server.crt"),
+        "-days",
+        "1",
+        "-extfile",
+        &path("ext.cnf"),
+    ]);
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args([
+            "--tls-cert-file",
+            &path("server.crt"),
+            "--tls-key-file",
+            &path("server.key"),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            &path("ca.crt"),
+            "--tls-auth-clients",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "TLS redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _server = OwnRedis {
+        child,
+        port,
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    // Only this test opens TLS connections, so trusting the test CA
+    // process-wide affects no other test.
+    std::env::set_var("SSL_CERT_FILE", path("ca.crt"));
+    let url = format!("rediss://127.0.0.1:{port}");
+    let prefix = unique("pgstash_test");
+    let a = start_with_redis(&url, &prefix, "").await;
+    let b = start_with_redis(&url, &prefix, "").await;
+    let t = unique("tls");
+    let direct = support::direct("test").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
+        ))
+        .await
+        .unwrap();
+    let (ca, cb) = (a.connect("test").await, b.connect("test").await);
+    let sql = format!("SELECT v FROM {t}");
+    assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "0");
+    assert_eq!(scalar(&cb, &sql).await, "0");
+    assert_eq!(
+        shared(&b).stats.hits.load(Ordering::Relaxed),
+        1,
+        "no redis hit over TLS"
+    );
+    ca.batch_execute(&format!("UPDATE {t} SET v = 1"))
+        .await
+        .unwrap();
+    let written = Instant::now();
+    while scalar(&cb, &sql).await != "1" {
+        assert!(
+            written.elapsed() < Duration::from_secs(2),
+            "B stale over TLS"
+        );
+    }
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}

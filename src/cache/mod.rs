@@ -130,6 +130,11 @@ impl Cache {
     /// invalidation bus (so it must be called inside the runtime).
     pub fn new(config: CacheConfig, redis: RedisConfig) -> Cache {
         let generations = Arc::new(Generations::default());
+        if redis.url.starts_with("rediss://") {
+            // rediss:// needs a process-wide TLS provider; one may already be
+            // installed, which is just as good.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let shared = (!redis.url.is_empty()).then(|| SharedTier::new(redis));
         if let Some(shared) = &shared {
             bus::spawn(shared.clone(), Arc::downgrade(&generations));
