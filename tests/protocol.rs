@@ -490,3 +490,78 @@ async fn cancel_reaches_the_running_query() {
     assert_eq!(err.code().unwrap().code(), "57014");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+/// Reads backend messages until ReadyForQuery; returns their tags and the
+/// first column of the first DataRow, if any.
+async fn read_until_ready(stream: &mut tokio::net::TcpStream) -> (Vec<u8>, Option<String>) {
+    use tokio::io::AsyncReadExt;
+    let mut tags = Vec::new();
+    let mut value = None;
+    loop {
+        let tag = stream.read_u8().await.unwrap();
+        let len = stream.read_i32().await.unwrap() as usize;
+        let mut body = vec![0u8; len - 4];
+        stream.read_exact(&mut body).await.unwrap();
+        tags.push(tag);
+        if tag == b'D' && value.is_none() {
+            let n = i32::from_be_bytes(body[2..6].try_into().unwrap()) as usize;
+            value = Some(String::from_utf8_lossy(&body[6..6 + n]).into_owned());
+        }
+        if tag == b'Z' {
+            return (tags, value);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_follows_the_client_to_another_server() {
+    use bytes::{BufMut, BytesMut};
+    use tokio::io::AsyncWriteExt;
+    let proxy = TestProxy::start("[pool]\nsize = 1\nmin_idle = 0\n").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "postgres"), ("database", "test")],
+        &mut out,
+    )
+    .unwrap();
+    stream.write_all(&out).await.unwrap();
+    read_until_ready(&mut stream).await;
+
+    out.clear();
+    postgres_protocol::message::frontend::parse("", "SELECT $1::int + 1", [23u32], &mut out)
+        .unwrap();
+    postgres_protocol::message::frontend::sync(&mut out);
+    stream.write_all(&out).await.unwrap();
+    let (tags, _) = read_until_ready(&mut stream).await;
+    assert_eq!(tags, b"1Z");
+
+    // A fresh server connection for the next transaction.
+    let admin = support::connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=pgstash",
+        proxy.addr.port()
+    ))
+    .await;
+    admin.simple_query("RECONNECT").await.unwrap();
+
+    out.clear();
+    let mut bind = BytesMut::new();
+    bind.put_slice(b"\0\0"); // portal "", statement ""
+    bind.put_i16(0); // parameter formats: all text
+    bind.put_i16(1);
+    bind.put_i32(2);
+    bind.put_slice(b"41");
+    bind.put_i16(0); // result formats: all text
+    out.put_u8(b'B');
+    out.put_i32(4 + bind.len() as i32);
+    out.put_slice(&bind);
+    postgres_protocol::message::frontend::execute("", 0, &mut out).unwrap();
+    postgres_protocol::message::frontend::sync(&mut out);
+    stream.write_all(&out).await.unwrap();
+    let (tags, value) = read_until_ready(&mut stream).await;
+    assert_eq!(
+        tags, b"2DCZ",
+        "the client must see exactly what Postgres would send"
+    );
+    assert_eq!(value.as_deref(), Some("42"));
+}

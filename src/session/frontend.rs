@@ -235,6 +235,8 @@ impl Session {
                 }
             }
         }
+        // A simple query replaces the server's unnamed statement.
+        self.unnamed_on_server = false;
         self.forward(frame, Some(Expect::Query { fill, writes }), false)
             .await;
         Ok(())
@@ -322,6 +324,7 @@ impl Session {
             self.note_unknown_effects(analysis);
         }
         if parse.name.is_empty() {
+            self.unnamed_on_server = true;
             self.unnamed = Some(Arc::new(Statement {
                 id: 0,
                 server_name: Vec::new(),
@@ -399,6 +402,30 @@ impl Session {
         Ok(())
     }
 
+    /// The unnamed statement lives on one server connection; a client that
+    /// binds it after landing on another (or after pgstash answered its
+    /// Parse from the cache) gets it prepared there first, silently.
+    fn ensure_unnamed_on_server(&mut self) {
+        if self.unnamed_on_server {
+            return;
+        }
+        let Some(unnamed) = self.unnamed.clone() else {
+            return;
+        };
+        let parse = Parse {
+            name: b"",
+            query: &unnamed.query,
+            param_types: unnamed.param_types.clone(),
+        };
+        parse.encode_named(b"", &mut self.server_out);
+        self.pending.push_back(Expect::Parse {
+            shown: false,
+            prepared: None,
+            client_name: None,
+        });
+        self.unnamed_on_server = true;
+    }
+
     /// Makes sure the attached server has `statement`, preparing it there
     /// (silently) if this client landed on a server that never saw it.
     fn ensure_prepared(&mut self, statement: &Statement) {
@@ -450,6 +477,12 @@ impl Session {
             }
         }
         let Some(statement) = statement else {
+            if bind.statement.is_empty() {
+                if !self.attach_or_fail(true).await {
+                    return Ok(());
+                }
+                self.ensure_unnamed_on_server();
+            }
             self.forward(frame, Some(Expect::Bind), true).await;
             return Ok(());
         };

@@ -162,6 +162,8 @@ pub struct Session {
     batch_clean: bool,
     /// Extended-protocol messages went to the server since its last Sync.
     unsynced: bool,
+    /// The attached server holds the client's unnamed statement.
+    unnamed_on_server: bool,
     info: Arc<crate::listener::ClientInfo>,
     /// The literal-free text of the statement in flight, kept only when the
     /// slow-query log is on.
@@ -356,6 +358,7 @@ impl Session {
 
     fn detach(&mut self) {
         self.unsynced = false;
+        self.unnamed_on_server = false;
         self.info
             .attached
             .store(false, std::sync::atomic::Ordering::Relaxed);

@@ -229,6 +229,7 @@ async fn start_session(
         batch_clean: false,
         upstream_since: None,
         unsynced: false,
+        unnamed_on_server: false,
         info: info.clone(),
         slow_candidate: None,
         portal_analysis: HashMap::new(),
