@@ -75,6 +75,10 @@ impl Session {
                     }
                 }
             }
+            msg::CLOSE_COMPLETE if matches!(self.pending.front(), Some(Expect::HiddenClose)) => {
+                self.pending.pop_front();
+                return;
+            }
             msg::BIND_COMPLETE | msg::CLOSE_COMPLETE | msg::NO_DATA => {
                 if matches!(
                     self.pending.front(),
@@ -238,11 +242,11 @@ impl Session {
         let (code, message) = msg::error_fields(frame.body());
         tracing::debug!(code, message, "server error");
         if code == "0A000" && message.contains("cached plan") {
-            // A shared statement outlived a schema change made behind
-            // pgstash's back: this server's statements are stale.
-            if let Some(server) = self.server.as_mut() {
-                server.broken = true;
-            }
+            // A shared statement outlived a schema change. The client sees
+            // the error as Postgres sends it; this server drops its shared
+            // statements once the batch is over, and nobody is told a
+            // statement is known without Postgres accepting it again.
+            self.after_batch.stale_statements = true;
             self.pool.forget_statements();
         }
         while let Some(front) = self.pending.front() {

@@ -379,13 +379,13 @@ impl Session {
         if writes.schema {
             cache.stats.invalidation(true);
             cache.schema_changed(&self.pool.target, database).await;
-            // Server-side statements planned against the old schema would
-            // fail with "cached plan must not change result type": start
-            // over with fresh connections for this database.
+            // Statements prepared before the change keep failing the way
+            // Postgres makes them fail ("cached plan must not change result
+            // type", which drivers such as asyncpg handle); a statement
+            // prepared again from now on is prepared afresh on the server.
             for pool in self.proxy.pools.all() {
                 if pool.target.database == self.pool.target.database {
                     pool.forget_statements();
-                    pool.reconnect();
                 }
             }
             return;

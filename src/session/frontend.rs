@@ -386,11 +386,22 @@ impl Session {
         let Some(server) = self.server.as_mut() else {
             return Ok(());
         };
-        if server.prepared.contains(&id) {
+        let known = self.pool.is_known_statement(id);
+        if server.prepared.contains(&id) && known {
             let mut out = BytesMut::new();
             msg::empty_message(&mut out, msg::PARSE_COMPLETE);
             self.push_local(out);
         } else {
+            if server.prepared.contains(&id) {
+                // Prepared here before a schema change: a client preparing
+                // it now must get a plan of the schema as it is now.
+                Target {
+                    kind: b'S',
+                    name: &statement.server_name,
+                }
+                .encode(msg::CLOSE, &statement.server_name, &mut self.server_out);
+                self.pending.push_back(Expect::HiddenClose);
+            }
             server.prepared.insert(id);
             parse.encode_named(&statement.server_name, &mut self.server_out);
             self.pending.push_back(Expect::Parse {

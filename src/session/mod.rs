@@ -61,6 +61,8 @@ enum Expect {
         client_name: Option<Vec<u8>>,
     },
     Bind,
+    /// A Close pgstash sent itself; its CloseComplete is not the client's.
+    HiddenClose,
     /// `capture`: the RowDescription goes with the fill of the Execute
     /// that follows.
     Describe {
@@ -124,6 +126,8 @@ struct AfterBatch {
     deallocate_all: bool,
     reset: Vec<String>,
     error_seen: bool,
+    /// Postgres said a shared statement's plan is stale.
+    stale_statements: bool,
 }
 
 pub struct Session {
@@ -391,6 +395,13 @@ impl Session {
         }
         if after.deallocate_all {
             server.prepared.clear();
+        }
+        if after.stale_statements && !server.broken {
+            // Every shared statement here may be planned for an old schema.
+            match server.run_internal("DEALLOCATE ALL").await {
+                Ok(r) if r.error.is_none() => server.prepared.clear(),
+                _ => server.broken = true,
+            }
         }
         if after.discard_all || after.reset_all {
             server.settings.clear();
