@@ -565,3 +565,39 @@ async fn the_unnamed_statement_follows_the_client_to_another_server() {
     );
     assert_eq!(value.as_deref(), Some("42"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_across_a_schema_change_behave_as_on_postgres() {
+    let proxy = TestProxy::start("[pool]\nsize = 1\n").await;
+    let client = proxy.connect("test").await;
+    let t = unique("ddlprep");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (a int); INSERT INTO {t} VALUES (1)"
+        ))
+        .await
+        .unwrap();
+    let old = client.prepare(&format!("SELECT * FROM {t}")).await.unwrap();
+    assert_eq!(client.query_one(&old, &[]).await.unwrap().len(), 1);
+    client
+        .batch_execute(&format!("ALTER TABLE {t} ADD COLUMN b int DEFAULT 2"))
+        .await
+        .unwrap();
+    // Postgres refuses a statement prepared before the change...
+    let err = client.query_one(&old, &[]).await.unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "0A000");
+    // ...and one prepared again sees the new shape, on this server and others.
+    let fresh = client.prepare(&format!("SELECT * FROM {t}")).await.unwrap();
+    let row = client.query_one(&fresh, &[]).await.unwrap();
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (1, 2));
+    let other = proxy.connect("test").await;
+    let row = other
+        .query_one(&format!("SELECT * FROM {t}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(row.len(), 2);
+    client
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
