@@ -175,6 +175,24 @@ pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Starts a client's session task, counted for as long as it runs.
+fn spawn_session(
+    sessions: &mut JoinSet<()>,
+    proxy: &Arc<Proxy>,
+    stop: &watch::Receiver<bool>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    proxy.clients.fetch_add(1, Ordering::Relaxed);
+    let guard = ClientGuard(proxy.clone());
+    let proxy = proxy.clone();
+    let stop = stop.clone();
+    sessions.spawn(async move {
+        let _guard = guard;
+        session::run(stream, peer, proxy, stop).await;
+    });
+}
+
 /// Serves clients until `shutdown` resolves, then drains.
 pub async fn run(
     listener: TcpListener,
@@ -216,14 +234,7 @@ pub async fn run(
                         continue;
                     }
                 };
-                proxy.clients.fetch_add(1, Ordering::Relaxed);
-                let guard = ClientGuard(proxy.clone());
-                let proxy = proxy.clone();
-                let stop = stop_rx.clone();
-                sessions.spawn(async move {
-                    let _guard = guard;
-                    session::run(stream, peer, proxy, stop).await;
-                });
+                spawn_session(&mut sessions, &proxy, &stop_rx, stream, peer);
             }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = &mut shutdown => break,
@@ -242,14 +253,7 @@ pub async fn run(
             tokio::select! {
                 accepted = listener.accept() => {
                     if let Ok((stream, peer)) = accepted {
-                        proxy.clients.fetch_add(1, Ordering::Relaxed);
-                        let guard = ClientGuard(proxy.clone());
-                        let proxy = proxy.clone();
-                        let stop = stop_rx.clone();
-                        sessions.spawn(async move {
-                            let _guard = guard;
-                            session::run(stream, peer, proxy, stop).await;
-                        });
+                        spawn_session(&mut sessions, &proxy, &stop_rx, stream, peer);
                     }
                 }
                 _ = tokio::time::sleep_until(until) => break,

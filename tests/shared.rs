@@ -78,6 +78,49 @@ async fn wait_for_bus(proxy: &TestProxy) {
     }
 }
 
+/// Two pgstash instances on `url`: a fill through A is a Redis hit through
+/// B, and writes through A reach B.
+async fn assert_two_instances_share(url: &str, extra: &str) -> (TestProxy, TestProxy) {
+    let prefix = unique("pgstash_test");
+    let a = start_with_redis(url, &prefix, extra).await;
+    let b = start_with_redis(url, &prefix, extra).await;
+    let t = unique("two");
+    let direct = support::direct("test").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
+        ))
+        .await
+        .unwrap();
+    let (ca, cb) = (a.connect("test").await, b.connect("test").await);
+    let sql = format!("SELECT v FROM {t}");
+    assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "0");
+    let before = shared(&b).stats.hits.load(Ordering::Relaxed);
+    assert_eq!(scalar(&cb, &sql).await, "0");
+    assert_eq!(
+        shared(&b).stats.hits.load(Ordering::Relaxed),
+        before + 1,
+        "B did not hit A's fill in redis"
+    );
+    for i in 1..=5 {
+        ca.batch_execute(&format!("UPDATE {t} SET v = {i}"))
+            .await
+            .unwrap();
+        let written = Instant::now();
+        while scalar(&cb, &sql).await != i.to_string() {
+            assert!(
+                written.elapsed() < Duration::from_secs(2),
+                "B stale 2 s after a write through A"
+            );
+        }
+    }
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+    (a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_through_one_pgstash_is_a_redis_hit_through_another() {
     let prefix = unique("pgstash_test");
@@ -429,47 +472,7 @@ async fn two_pgstash_on_a_redis_cluster() {
     }
     let urls: Vec<String> = nodes.iter().map(OwnRedis::url).collect();
     let url = urls.join(",");
-    let prefix = unique("pgstash_test");
-    let a = start_with_redis(&url, &prefix, "cluster = true").await;
-    let b = start_with_redis(&url, &prefix, "cluster = true").await;
-    let t = unique("cluster");
-    let direct = support::direct("test").await;
-    direct
-        .batch_execute(&format!(
-            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
-        ))
-        .await
-        .unwrap();
-    let ca = a.connect("test").await;
-    let cb = b.connect("test").await;
-    let sql = format!("SELECT v FROM {t}");
-    for i in 1..=20 {
-        assert_eq!(scalar(&cb, &sql).await, (i - 1).to_string());
-        ca.batch_execute(&format!("UPDATE {t} SET v = {i}"))
-            .await
-            .unwrap();
-        let written = Instant::now();
-        while scalar(&cb, &sql).await != i.to_string() {
-            assert!(
-                written.elapsed() < Duration::from_secs(2),
-                "B stale on the cluster"
-            );
-        }
-    }
-    // A's fills are Redis hits for B on the cluster too.
-    let sql2 = format!("SELECT v + 1 FROM {t}");
-    assert_eq!(read_and_wait_for_fill(&a, &ca, &sql2).await, "21");
-    let before = shared(&b).stats.hits.load(Ordering::Relaxed);
-    assert_eq!(scalar(&cb, &sql2).await, "21");
-    assert_eq!(
-        shared(&b).stats.hits.load(Ordering::Relaxed),
-        before + 1,
-        "no redis hit on the cluster"
-    );
-    direct
-        .batch_execute(&format!("DROP TABLE {t}"))
-        .await
-        .unwrap();
+    assert_two_instances_share(&url, "cluster = true").await;
 }
 
 /// Redis behind Sentinel: pgstash asks the sentinels for the master.
@@ -517,39 +520,9 @@ async fn two_pgstash_behind_redis_sentinel() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let prefix = unique("pgstash_test");
-    let extra = "sentinel_master = \"pgstashmaster\"";
-    let a = start_with_redis(&sentinel.url(), &prefix, extra).await;
-    let b = start_with_redis(&sentinel.url(), &prefix, extra).await;
-    let t = unique("sentinel");
-    let direct = support::direct("test").await;
-    direct
-        .batch_execute(&format!(
-            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
-        ))
-        .await
-        .unwrap();
-    let ca = a.connect("test").await;
-    let cb = b.connect("test").await;
-    let sql = format!("SELECT v FROM {t}");
-    for i in 1..=10 {
-        assert_eq!(scalar(&cb, &sql).await, (i - 1).to_string());
-        ca.batch_execute(&format!("UPDATE {t} SET v = {i}"))
-            .await
-            .unwrap();
-        let written = Instant::now();
-        while scalar(&cb, &sql).await != i.to_string() {
-            assert!(
-                written.elapsed() < Duration::from_secs(2),
-                "B stale behind sentinel"
-            );
-        }
-    }
-    assert!(shared(&a).stats.bumps_sent.load(Ordering::Relaxed) >= 10);
-    direct
-        .batch_execute(&format!("DROP TABLE {t}"))
-        .await
-        .unwrap();
+    let (a, _b) =
+        assert_two_instances_share(&sentinel.url(), "sentinel_master = \"pgstashmaster\"").await;
+    assert!(shared(&a).stats.bumps_sent.load(Ordering::Relaxed) >= 5);
 }
 
 /// The concurrent checker across two pgstash instances: writes through A,
@@ -675,48 +648,17 @@ async fn concurrent_checker_across_two_pgstash() {
 async fn redis_with_auth() {
     let own = OwnRedis::start_with(&["--requirepass", "s3cret"]);
     let url = format!("redis://default:s3cret@127.0.0.1:{}", own.port);
-    let prefix = unique("pgstash_test");
-    let a = start_with_redis(&url, &prefix, "").await;
-    let b = start_with_redis(&url, &prefix, "").await;
-    let t = unique("auth");
-    let direct = support::direct("test").await;
-    direct
-        .batch_execute(&format!(
-            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
-        ))
-        .await
-        .unwrap();
-    let (ca, cb) = (a.connect("test").await, b.connect("test").await);
-    let sql = format!("SELECT v FROM {t}");
-    assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "0");
-    assert_eq!(scalar(&cb, &sql).await, "0");
-    assert_eq!(
-        shared(&b).stats.hits.load(Ordering::Relaxed),
-        1,
-        "no redis hit with AUTH"
-    );
-    ca.batch_execute(&format!("UPDATE {t} SET v = 1"))
-        .await
-        .unwrap();
-    let written = Instant::now();
-    while scalar(&cb, &sql).await != "1" {
-        assert!(
-            written.elapsed() < Duration::from_secs(2),
-            "B stale with AUTH"
-        );
-    }
+    assert_two_instances_share(&url, "").await;
     // A wrong password is an unreachable Redis: queries still work.
     let wrong = TestProxy::start(&format!(
         "[redis]\nurl = \"redis://default:nope@127.0.0.1:{}\"\n",
         own.port
     ))
     .await;
-    let cw = wrong.connect("test").await;
-    assert_eq!(scalar(&cw, &sql).await, "1");
-    direct
-        .batch_execute(&format!("DROP TABLE {t}"))
-        .await
-        .unwrap();
+    assert_eq!(
+        scalar(&wrong.connect("test").await, "SELECT 1 + 1").await,
+        "2"
+    );
 }
 
 /// TLS to Redis (`rediss://`), the server's certificate signed by a test CA
@@ -822,39 +764,5 @@ async fn redis_over_tls() {
     // Only this test opens TLS connections, so trusting the test CA
     // process-wide affects no other test.
     std::env::set_var("SSL_CERT_FILE", path("ca.crt"));
-    let url = format!("rediss://127.0.0.1:{port}");
-    let prefix = unique("pgstash_test");
-    let a = start_with_redis(&url, &prefix, "").await;
-    let b = start_with_redis(&url, &prefix, "").await;
-    let t = unique("tls");
-    let direct = support::direct("test").await;
-    direct
-        .batch_execute(&format!(
-            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
-        ))
-        .await
-        .unwrap();
-    let (ca, cb) = (a.connect("test").await, b.connect("test").await);
-    let sql = format!("SELECT v FROM {t}");
-    assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "0");
-    assert_eq!(scalar(&cb, &sql).await, "0");
-    assert_eq!(
-        shared(&b).stats.hits.load(Ordering::Relaxed),
-        1,
-        "no redis hit over TLS"
-    );
-    ca.batch_execute(&format!("UPDATE {t} SET v = 1"))
-        .await
-        .unwrap();
-    let written = Instant::now();
-    while scalar(&cb, &sql).await != "1" {
-        assert!(
-            written.elapsed() < Duration::from_secs(2),
-            "B stale over TLS"
-        );
-    }
-    direct
-        .batch_execute(&format!("DROP TABLE {t}"))
-        .await
-        .unwrap();
+    assert_two_instances_share(&format!("rediss://127.0.0.1:{port}"), "").await;
 }
