@@ -144,8 +144,19 @@ async fn a_fill_through_one_pgstash_is_a_redis_hit_through_another() {
         1,
         "B did not hit A's fill in redis"
     );
-    // Promoted to B's local tier (which B uses while its bus is fresh).
+    // Promoted: with the bus delivering heartbeats, B trusts its local
+    // tier and the next read does not go to Redis.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        b.proxy.cache.as_ref().unwrap().local_trusted(),
+        "bus heartbeats not heard"
+    );
     assert_eq!(scalar(&cb, &sql).await, "42");
+    assert_eq!(
+        shared(&b).stats.hits.load(Ordering::Relaxed),
+        1,
+        "promoted entry not served locally"
+    );
     direct
         .batch_execute(&format!("DROP TABLE {t}"))
         .await

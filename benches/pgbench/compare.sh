@@ -1,20 +1,43 @@
 #!/usr/bin/env bash
 # pgbench throughput and latency of direct PostgreSQL, PgBouncer and pgstash
-# with its result cache off and on, side by side.
+# with its result cache off, on (local tier), on its Redis tier alone and on
+# both tiers, side by side; and what the Redis tier adds to a miss.
 #
 # Starts PgBouncer (transaction mode, plus a session-mode pool for the
-# prepared-statement rows) and two pgstash instances (release build,
-# transaction mode; one with the cache off, one with it on) on free ports in
-# front of the same PostgreSQL, initialises a pgbench database there, runs
-# each workload against each target in turn and prints TPS, latency for the
-# single-client rows, the cache hit ratio of every cache-on run and the
-# ratios between targets.
+# prepared-statement rows) and one pgstash instance per selected pgstash
+# target (release build, transaction mode) on free ports in front of the
+# same PostgreSQL, initialises a pgbench database there, runs each workload
+# against each target in turn and prints TPS, latency for the single-client
+# rows, the cache hit ratio of every cache run and the ratios between
+# targets.
 #
-# Before every cache-on run of a read-only workload, a sweep reads every
-# account once through the cache-on instance, in the protocol the workload
-# uses, so that the run measures a warm cache. Workloads that write are not
-# warmed: pgstash invalidates by table, so their first UPDATE of
-# pgbench_accounts makes everything cached from that table unreachable.
+# Targets (TARGETS selects and orders them):
+#   direct        PostgreSQL itself
+#   pgbouncer     PgBouncer, transaction mode (session mode for -M prepared)
+#   off           pgstash, [cache] enabled = false
+#   on            pgstash, local tier only (moka, CACHE_BYTES), TTL 1h
+#   redis-only    pgstash, Redis tier only: [redis] url set and the local
+#                 tier disabled with capacity_bytes = 0, so hits come from
+#                 Redis (the redis% column shows the share that did)
+#   local+redis   pgstash, both tiers (local CACHE_BYTES, then Redis), TTL 1h
+#   miss-local    pgstash, local tier only, default_ttl = MISS_TTL (1ms):
+#                 nothing lives long enough to be hit, so every lookup is a
+#                 miss (hit% shows how nearly)
+#   miss-redis    the same with the Redis tier on: miss-redis / miss-local
+#                 is what Redis adds to a miss (a GET before going
+#                 upstream; a generation check and a SET after the answer)
+# Every Redis target has its own key prefix, pgstash_compare_<pid>_<time>_
+# followed by ro:, lr: or miss:, so no target sees another's entries; every
+# key under it is deleted on exit, however the script ends.
+#
+# Before every run of a read-only workload on on, redis-only or local+redis,
+# a sweep reads every account once through that instance, in the protocol
+# the workload uses, so that the run measures a warm cache. Workloads that
+# write are not warmed: pgstash invalidates by table, so their first UPDATE
+# of pgbench_accounts makes everything cached from that table unreachable.
+# Around the sweeps of the Redis targets, Redis's used_memory (INFO memory)
+# and the number of result keys under the target's prefix are read: their
+# growth gives the bytes of Redis memory per cached pgbench row.
 #
 #   usage: benches/pgbench/compare.sh
 #   env:   SCALE=10 CLIENTS=8 JOBS=2 DURATION=20 (seconds per run)
@@ -22,9 +45,17 @@
 #          ROUNDS=1            repeat every run; the tables show the median
 #          WORKLOADS="select_simple select_prepared single single_prepared tpcb mix90 mix50"
 #                              the rows to run, in this order (any subset)
-#          WARMUP=1            0 skips the sweep (cache-on then starts cold)
-#          CACHE_BYTES         local tier size of the cache-on instance;
-#                              default fits both protocols' sweeps
+#          TARGETS="direct pgbouncer off on redis-only local+redis miss-local miss-redis"
+#                              the targets to run, in this order (any subset)
+#          WARMUP=1            0 skips the sweep (the warmed targets then start cold)
+#          CACHE_BYTES         local tier size of the on, local+redis and
+#                              miss-* instances; default fits both
+#                              protocols' sweeps
+#          MISS_TTL=1ms        default_ttl of the miss-* instances
+#          REDIS_URL=redis://127.0.0.1:6379  for the Redis targets (needs
+#                              redis-cli). Each of redis-only and
+#                              local+redis holds some 250 bytes per account
+#                              and protocol swept until the script exits.
 #          PGHOST_UPSTREAM=127.0.0.1 PGPORT_UPSTREAM=5432
 #          PGBOUNCER=/usr/sbin/pgbouncer PGBOUNCER_USER=postgres (when root)
 #          KEEP_DB=1           leave the pgbench database behind
@@ -40,6 +71,9 @@
 #
 # A quick run: SCALE=1 DURATION=10 WORKLOADS="select_simple single" \
 #   benches/pgbench/compare.sh
+# The shared tier against its references:
+#   SCALE=1 DURATION=10 WORKLOADS="select_simple select_prepared single single_prepared" \
+#   TARGETS="direct on redis-only local+redis miss-local miss-redis" benches/pgbench/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -50,7 +84,10 @@ DURATION=${DURATION:-20}
 POOL_SIZE=${POOL_SIZE:-$CLIENTS}
 ROUNDS=${ROUNDS:-1}
 WORKLOADS=${WORKLOADS:-select_simple select_prepared single single_prepared tpcb mix90 mix50}
+TARGETS=${TARGETS:-direct pgbouncer off on redis-only local+redis miss-local miss-redis}
 WARMUP=${WARMUP:-1}
+MISS_TTL=${MISS_TTL:-1ms}
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 ACCOUNTS=$((100000 * SCALE))
 # A stored result weighs about 190 bytes (payload plus moka's per-entry
 # charge of 128); 512 per account and protocol leaves room for both sweeps
@@ -61,15 +98,13 @@ UP_PORT=${PGPORT_UPSTREAM:-5432}
 bouncer_bin=${PGBOUNCER:-/usr/sbin/pgbouncer}
 bouncer_user=${PGBOUNCER_USER:-postgres}
 DB=pgstash_compare_$$
+# Every Redis key of this run starts with this; cleanup deletes them all.
+REDIS_PREFIX=pgstash_compare_$$_$(date +%s)_
 
 # The caller's PG* settings (a password, a service, PGOPTIONS, and any
 # PGSTASH_* override) would apply to some targets differently than to
 # others.
 while read -r var; do unset "$var"; done < <(compgen -e | grep '^PG' || true)
-
-for tool in pgbench psql "$bouncer_bin"; do
-    command -v "$tool" >/dev/null || { echo "compare.sh: $tool not found (deploy/local-services.sh installs it)" >&2; exit 1; }
-done
 
 # name → label, pgbench arguments, and the protocol a warm-up sweep uses
 # (empty: the workload writes, so it is not warmed). The mixes pass -s
@@ -103,6 +138,44 @@ for w in "${workloads[@]}"; do
 done
 [[ ${#workloads[@]} -gt 0 ]] || { echo "compare.sh: WORKLOADS is empty" >&2; exit 1; }
 
+# pgstash target → [cache] enabled, capacity_bytes, default_ttl, and
+# [redis] prefix (none: no Redis tier).
+declare -A t_cache t_bytes t_ttl t_prefix
+t_cache[off]=false
+t_cache[on]=true t_bytes[on]=$CACHE_BYTES t_ttl[on]=1h
+t_cache[redis-only]=true t_bytes[redis-only]=0 t_ttl[redis-only]=1h t_prefix[redis-only]=${REDIS_PREFIX}ro:
+t_cache[local+redis]=true t_bytes[local+redis]=$CACHE_BYTES t_ttl[local+redis]=1h t_prefix[local+redis]=${REDIS_PREFIX}lr:
+t_cache[miss-local]=true t_bytes[miss-local]=$CACHE_BYTES t_ttl[miss-local]=$MISS_TTL
+t_cache[miss-redis]=true t_bytes[miss-redis]=$CACHE_BYTES t_ttl[miss-redis]=$MISS_TTL t_prefix[miss-redis]=${REDIS_PREFIX}miss:
+known_targets="direct pgbouncer off on redis-only local+redis miss-local miss-redis"
+read -r -a targets <<<"$TARGETS"
+[[ ${#targets[@]} -gt 0 ]] || { echo "compare.sh: TARGETS is empty" >&2; exit 1; }
+uses_bouncer=0 uses_redis=0
+declare -A selected
+for target in "${targets[@]}"; do
+    [[ " $known_targets " == *" $target "* ]] || { echo "compare.sh: unknown target '$target' (known: $known_targets)" >&2; exit 1; }
+    [[ -z ${selected[$target]:-} ]] || { echo "compare.sh: target '$target' is listed twice" >&2; exit 1; }
+    selected[$target]=1
+    [[ $target == pgbouncer ]] && uses_bouncer=1
+    [[ -n ${t_prefix[$target]:-} ]] && uses_redis=1
+done
+# pgstash targets with a cache report hit ratios; the warm ones are swept.
+is_pgstash() { [[ -n ${t_cache[$1]:-} ]]; }
+is_cache() { [[ ${t_cache[$1]:-} == true ]]; }
+is_warm() { [[ $1 == on || $1 == redis-only || $1 == local+redis ]]; }
+
+tools=(pgbench psql)
+[[ $uses_bouncer == 1 ]] && tools+=("$bouncer_bin")
+[[ $uses_redis == 1 ]] && tools+=(redis-cli)
+for tool in "${tools[@]}"; do
+    command -v "$tool" >/dev/null || { echo "compare.sh: $tool not found (deploy/local-services.sh installs it)" >&2; exit 1; }
+done
+rcli() { redis-cli -u "$REDIS_URL" "$@"; }
+if [[ $uses_redis == 1 && $(rcli PING 2>/dev/null) != PONG ]]; then
+    echo "compare.sh: Redis does not answer at $REDIS_URL (set REDIS_URL, or leave the Redis targets out of TARGETS)" >&2
+    exit 1
+fi
+
 # Single-client rows measure latency: one client, one thread.
 is_single() { [[ $1 == single* ]]; }
 
@@ -114,12 +187,27 @@ pids=()
 cleanup() {
     local status=$?
     set +e
+    # A second Ctrl-C must not cut the cleanup short.
+    trap '' INT TERM
     for pid in "${pids[@]}"; do
         kill -TERM "$pid" 2>/dev/null
     done
     for pid in "${pids[@]}"; do
         wait "$pid" 2>/dev/null
     done
+    # Only once no pgstash is left to write. The prefix is this run's
+    # alone; its keys hold no blanks or quotes, so xargs passes them whole.
+    if [[ $uses_redis == 1 ]]; then
+        # shellcheck disable=SC2016 # expanded by the inner shell
+        timeout 300 bash -c 'redis-cli -u "$1" --scan --pattern "$2*" \
+            | xargs -r -n 1000 redis-cli -u "$1" UNLINK >/dev/null' _ "$REDIS_URL" "$REDIS_PREFIX" 2>/dev/null
+        local left
+        left=$(timeout 60 redis-cli -u "$REDIS_URL" --scan --pattern "${REDIS_PREFIX}*" 2>/dev/null | wc -l)
+        if [[ $left != 0 ]]; then
+            echo "compare.sh: $left Redis keys are left under ${REDIS_PREFIX}; delete them with" >&2
+            echo "  redis-cli --scan --pattern '${REDIS_PREFIX}*' | xargs -r redis-cli del" >&2
+        fi
+    fi
     if [ -z "${KEEP_DB:-}" ]; then
         psql -X -q -h "$UP_HOST" -p "$UP_PORT" -U postgres -d postgres \
             -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1
@@ -131,11 +219,16 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # A port nothing listens on; bash's /dev/tcp fails to connect to it.
+# Ports handed out earlier are not handed out again, even before anything
+# listens on them.
+taken_ports=" "
 free_port() {
     local port
     while :; do
         port=$((20000 + RANDOM % 40000))
+        [[ $taken_ports == *" $port "* ]] && continue
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            taken_ports+="$port "
             echo "$port"
             return
         fi
@@ -175,8 +268,8 @@ EOF
 # clients together read every account exactly once (variables keep their
 # values from one transaction of a client to the next; -D i=0 starts the
 # count). The SELECT is, byte for byte, the one pgbench -S sends, so its
-# cache key is the same in either protocol. No comment may go in this
-# file: it would become part of the statement text.
+# cache key is the same as the run's in the same protocol. No comment may
+# go in this file: it would become part of the statement text.
 cat >"$work/sweep.sql" <<'EOF'
 \set i :i + 1
 \set aid (:i - 1) * :clients + :client_id + 1
@@ -185,14 +278,15 @@ SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
 \endif
 EOF
 
-bouncer_port=$(free_port)
-cat >"$work/userlist.txt" <<EOF
+if [[ $uses_bouncer == 1 ]]; then
+    bouncer_port=$(free_port)
+    cat >"$work/userlist.txt" <<EOF
 "postgres" ""
 EOF
-# $DB pools in transaction mode; ${DB}_session is the same database in
-# session mode, because PgBouncer 1.18's transaction mode cannot serve
-# protocol-level prepared statements.
-cat >"$work/pgbouncer.ini" <<EOF
+    # $DB pools in transaction mode; ${DB}_session is the same database in
+    # session mode, because PgBouncer 1.18's transaction mode cannot serve
+    # protocol-level prepared statements.
+    cat >"$work/pgbouncer.ini" <<EOF
 [databases]
 $DB = host=$UP_HOST port=$UP_PORT dbname=$DB
 ${DB}_session = host=$UP_HOST port=$UP_PORT dbname=$DB pool_mode=session
@@ -209,66 +303,61 @@ max_client_conn = 1000
 logfile = $work/pgbouncer.log
 pidfile = $work/pgbouncer.pid
 EOF
-# PgBouncer refuses to run as root; it drops to PGBOUNCER_USER itself and
-# then needs to read its files and write its log.
-if [ "$(id -u)" = 0 ]; then
-    chown -R "$bouncer_user" "$work"
-    chmod 755 "$work"
-    "$bouncer_bin" -u "$bouncer_user" "$work/pgbouncer.ini" >"$logs/pgbouncer.out" 2>&1 &
-else
-    "$bouncer_bin" "$work/pgbouncer.ini" >"$logs/pgbouncer.out" 2>&1 &
-fi
-pids+=($!)
-wait_ready "$bouncer_port" PgBouncer "$DB"
-wait_ready "$bouncer_port" "PgBouncer (session pool)" "${DB}_session"
-
-# Two pgstash processes rather than one restarted: each keeps its own
-# pool, and the cache-on one keeps its cache from one workload to the next.
-off_port=$(free_port)
-on_port=$(free_port)
-metrics_port=$(free_port)
-cat >"$work/pgstash-off.toml" <<EOF
-log_level = "warn"
-
-[pool]
-mode = "transaction"
-size = $POOL_SIZE
-
-[cache]
-enabled = false
-EOF
-# The default TTL (60 s) is shorter than a sweep at scale 10 plus a run:
-# the first entries would expire before the run starts. An hour outlasts
-# any run; writes through pgstash still invalidate at once.
-cat >"$work/pgstash-on.toml" <<EOF
-log_level = "warn"
-metrics_listen = "127.0.0.1:$metrics_port"
-
-[pool]
-mode = "transaction"
-size = $POOL_SIZE
-
-[cache]
-enabled = true
-default_ttl = "1h"
-capacity_bytes = $CACHE_BYTES
-EOF
-for variant in off on; do
-    port_var=${variant}_port
-    ./target/release/pgstash --config "$work/pgstash-$variant.toml" --listen "127.0.0.1:${!port_var}" \
-        --upstream "postgres://postgres@$UP_HOST:$UP_PORT" >"$logs/pgstash-$variant.log" 2>&1 &
+    # PgBouncer refuses to run as root; it drops to PGBOUNCER_USER itself
+    # and then needs to read its files and write its log.
+    if [ "$(id -u)" = 0 ]; then
+        chown -R "$bouncer_user" "$work"
+        chmod 755 "$work"
+        "$bouncer_bin" -u "$bouncer_user" "$work/pgbouncer.ini" >"$logs/pgbouncer.out" 2>&1 &
+    else
+        "$bouncer_bin" "$work/pgbouncer.ini" >"$logs/pgbouncer.out" 2>&1 &
+    fi
     pids+=($!)
-    wait_ready "${!port_var}" "pgstash (cache $variant)" "$DB"
+    wait_ready "$bouncer_port" PgBouncer "$DB"
+    wait_ready "$bouncer_port" "PgBouncer (session pool)" "${DB}_session"
+fi
+
+# One pgstash process per target rather than one restarted: each keeps its
+# own pool, and each cache keeps its contents from one workload to the
+# next. The long TTL (1h) outlasts a sweep at scale 10 plus a run, which
+# the default (60 s) does not; writes through pgstash still invalidate at
+# once. The Redis settings other than url and prefix are the defaults
+# (timeout 25ms, on_failure pass-through): Redis errors are counted per run.
+declare -A port_of metrics_of
+for target in "${targets[@]}"; do
+    is_pgstash "$target" || continue
+    port_of[$target]=$(free_port)
+    config="$work/pgstash-$target.toml"
+    {
+        echo 'log_level = "warn"'
+        if is_cache "$target"; then
+            metrics_of[$target]=$(free_port)
+            echo "metrics_listen = \"127.0.0.1:${metrics_of[$target]}\""
+        fi
+        printf '\n[pool]\nmode = "transaction"\nsize = %s\n\n[cache]\nenabled = %s\n' "$POOL_SIZE" "${t_cache[$target]}"
+        if is_cache "$target"; then
+            printf 'default_ttl = "%s"\ncapacity_bytes = %s\n' "${t_ttl[$target]}" "${t_bytes[$target]}"
+        fi
+        if [[ -n ${t_prefix[$target]:-} ]]; then
+            printf '\n[redis]\nurl = "%s"\nprefix = "%s"\n' "$REDIS_URL" "${t_prefix[$target]}"
+        fi
+    } >"$config"
+    ./target/release/pgstash --config "$config" --listen "127.0.0.1:${port_of[$target]}" \
+        --upstream "postgres://postgres@$UP_HOST:$UP_PORT" >"$logs/pgstash-$target.log" 2>&1 &
+    pids+=($!)
+    wait_ready "${port_of[$target]}" "pgstash ($target)" "$DB"
 done
 
-# The cache-on instance's lookup counters: "hits misses bypasses", or
-# nothing if the endpoint cannot be read (the ratio then shows n/a rather
-# than the run stopping). The endpoint answers one request per connection
+# A cache instance's counters: "hits misses bypasses local-tier-hits
+# redis-tier-hits redis-errors", or nothing if its endpoint cannot be read
+# (the ratios then show n/a rather than the run stopping). A counter not
+# yet exported counts 0. The endpoint answers one request per connection
 # and then closes it.
 lookups() {
+    local port=$1
     {
         (
-            exec 3<>"/dev/tcp/127.0.0.1/$metrics_port"
+            exec 3<>"/dev/tcp/127.0.0.1/$port"
             printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
             cat <&3
         ) 2>/dev/null || true
@@ -276,37 +365,87 @@ lookups() {
         /^pgstash_cache_lookups_total\{outcome="hit"\}/ { h = $2; seen = 1 }
         /^pgstash_cache_lookups_total\{outcome="miss"\}/ { m = $2; seen = 1 }
         /^pgstash_cache_lookups_total\{outcome="bypass"\}/ { b = $2; seen = 1 }
-        END { if (seen) printf "%.0f %.0f %.0f\n", h, m, b }'
+        /^pgstash_cache_hits_total\{tier="local"\}/ { l = $2 }
+        /^pgstash_cache_hits_total\{tier="redis"\}/ { r = $2 }
+        /^pgstash_redis_errors_total[ {]/ { e = $NF }
+        END { if (seen) printf "%.0f %.0f %.0f %.0f %.0f %.0f\n", h, m, b, l, r, e }'
+}
+
+# What happened between two `lookups` readings: "HITS LOOKUPS LOCAL REDIS
+# ERRORS", or nothing if either reading is missing.
+lookup_delta() {
+    local before after
+    read -r -a before <<<"$1"
+    read -r -a after <<<"$2"
+    [[ ${#before[@]} -eq 6 && ${#after[@]} -eq 6 ]] || return 0
+    echo $((after[0] - before[0])) \
+        $((after[0] + after[1] + after[2] - before[0] - before[1] - before[2])) \
+        $((after[3] - before[3])) $((after[4] - before[4])) $((after[5] - before[5]))
+}
+
+# Percentage a / b with one decimal, n/a when b is 0 or missing.
+percent() {
+    if [[ -z ${1:-} || -z ${2:-} || ${2:-0} == 0 ]]; then
+        echo n/a
+    else
+        awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f\n", 100 * a / b }'
+    fi
 }
 
 # Percentage of lookups between two `lookups` readings that were hits.
 hit_ratio() {
-    local before after
-    read -r -a before <<<"$1"
-    read -r -a after <<<"$2"
-    if [[ ${#before[@]} -ne 3 || ${#after[@]} -ne 3 ]]; then
-        echo n/a
-        return
-    fi
-    awk -v h=$((after[0] - before[0])) -v m=$((after[1] - before[1])) -v b=$((after[2] - before[2])) \
-        'BEGIN { t = h + m + b; if (t == 0) print "n/a"; else printf "%.1f\n", 100 * h / t }'
+    local counts
+    read -r -a counts <<<"$(lookup_delta "$1" "$2")"
+    percent "${counts[0]:-}" "${counts[1]:-}"
 }
 
-# Reads every account once through the cache-on instance in `protocol`.
+redis_used_memory() {
+    rcli INFO memory | tr -d '\r' | awk -F: '$1 == "used_memory" { print $2 }'
+}
+
+# Result keys under a prefix (generation keys are not counted).
+result_keys() {
+    rcli --scan --pattern "${1}r:*" | wc -l
+}
+
+# Redis growth during the sweeps that added keys: "target protocol keys
+# bytes" lines.
+mem_rows=()
+
+# Reads every account once through a warmed target in `protocol`.
 warm_up() {
-    local protocol=$1 log=$2 per_client before after start
+    local target=$1 protocol=$2 log=$3 prefix=${t_prefix[$1]:-} per_client before after start elapsed
+    local mem0 keys0 mem1 keys1 added grown note=""
     per_client=$(((ACCOUNTS + CLIENTS - 1) / CLIENTS))
-    before=$(lookups)
+    before=$(lookups "${metrics_of[$target]}")
+    if [[ -n $prefix ]]; then
+        mem0=$(redis_used_memory)
+        keys0=$(result_keys "$prefix")
+    fi
     start=$(date +%s.%N)
-    pgbench -n -h 127.0.0.1 -p "$on_port" -U postgres -c "$CLIENTS" -j "$JOBS" -t "$per_client" \
+    pgbench -n -h 127.0.0.1 -p "${port_of[$target]}" -U postgres -c "$CLIENTS" -j "$JOBS" -t "$per_client" \
         -D i=0 -D clients="$CLIENTS" -D accounts="$ACCOUNTS" -M "$protocol" -f "$work/sweep.sql" \
         "$DB" >"$log" 2>&1 || { echo "compare.sh: warm-up failed, see $log" >&2; exit 1; }
-    after=$(lookups)
-    printf '  warm-up %-8s %d accounts in %.1fs, %s%% already cached\n' "$protocol" "$ACCOUNTS" \
-        "$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { print e - s }')" "$(hit_ratio "$before" "$after")"
+    elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { print e - s }')
+    after=$(lookups "${metrics_of[$target]}")
+    if [[ -n $prefix ]]; then
+        # A fill is written to Redis in the background once its client has
+        # the answer; let the last ones land.
+        sleep 1
+        mem1=$(redis_used_memory)
+        keys1=$(result_keys "$prefix")
+        added=$((keys1 - keys0))
+        grown=$((mem1 - mem0))
+        note=$(awk -v k="$added" -v g="$grown" 'BEGIN {
+            printf ", Redis +%d keys, used_memory %+.1f MB", k, g / 1048576
+            if (k > 0) printf " (%.0f bytes/key)", g / k }')
+        [[ $added -gt 0 ]] && mem_rows+=("$target $protocol $added $grown")
+    fi
+    printf '  warm-up %-11s %-8s %d accounts in %.1fs, %s%% already cached%s\n' "$target" "$protocol" \
+        "$ACCOUNTS" "$elapsed" "$(hit_ratio "$before" "$after")" "$note"
 }
 
-declare -A tps lat hits
+declare -A tps lat hits rshare rerrs
 
 # Prints "TPS LATENCY_MS", or FAIL if pgbench failed or reported failed
 # transactions.
@@ -324,9 +463,9 @@ run_pgbench() {
     fi
 }
 
-targets=(direct pgbouncer off on)
 echo "pgbench: -c $CLIENTS -j $JOBS -T $DURATION (single: -c 1 -j 1), pool size $POOL_SIZE, $ROUNDS round(s)"
 echo "workloads: ${workloads[*]}"
+echo "targets: ${targets[*]}"
 for round in $(seq 1 "$ROUNDS"); do
     for w in "${workloads[@]}"; do
         args=${w_args[$w]//@work@/$work}
@@ -341,35 +480,46 @@ for round in $(seq 1 "$ROUNDS"); do
                     port=$bouncer_port
                     [[ $args == *prepared* ]] && dbname=${DB}_session
                     ;;
-                off) port=$off_port ;;
-                on) port=$on_port ;;
+                *) port=${port_of[$target]} ;;
             esac
             log="$logs/$w-$target-$round.log"
-            if [[ $target == on && $WARMUP != 0 && -n ${w_warm[$w]} ]]; then
-                warm_up "${w_warm[$w]}" "$logs/$w-warmup-$round.log"
+            if is_warm "$target" && [[ $WARMUP != 0 && -n ${w_warm[$w]} ]]; then
+                warm_up "$target" "${w_warm[$w]}" "$logs/$w-$target-warmup-$round.log"
             fi
-            [[ $target == on ]] && before=$(lookups)
+            is_cache "$target" && before=$(lookups "${metrics_of[$target]}")
             # shellcheck disable=SC2086 # args holds several words
             result=$(run_pgbench "$log" -h "$host" -p "$port" -U postgres -c "$clients" -j "$jobs" \
                 -T "$DURATION" $args "$dbname")
             read -r t l <<<"$result"
             extra=""
-            if [[ $target == on ]]; then
-                h=$(hit_ratio "$before" "$(lookups)")
-                hits["$w"]+="$h "
+            if is_cache "$target"; then
+                read -r -a delta <<<"$(lookup_delta "$before" "$(lookups "${metrics_of[$target]}")")"
+                h=$(percent "${delta[0]:-}" "${delta[1]:-}")
+                hits["$w,$target"]+="$h "
                 extra=", hit $h%"
+                if [[ -n ${t_prefix[$target]:-} ]]; then
+                    s=$(percent "${delta[3]:-}" "${delta[1]:-}")
+                    rshare["$w,$target"]+="$s "
+                    [[ ${delta[4]:-0} == 0 ]] || rerrs["$w,$target"]=$((${rerrs["$w,$target"]:-0} + delta[4]))
+                    extra+=", from Redis $s% (of ${delta[1]:-?} lookups: ${delta[2]:-?} local-tier hits, ${delta[3]:-?} Redis-tier hits, ${delta[4]:-?} Redis errors)"
+                fi
             fi
             is_single "$w" && [[ $t != FAIL ]] && extra=", latency $l ms$extra"
-            printf '  round %d  %-22s %-10s %s tps%s\n' "$round" "${w_label[$w]}" "$target" "$t" "$extra"
+            printf '  round %d  %-22s %-11s %s tps%s\n' "$round" "${w_label[$w]}" "$target" "$t" "$extra"
             tps["$w,$target"]+="$t "
             lat["$w,$target"]+="${l:-FAIL} "
         done
     done
 done
 
-# The middle value of the rounds; FAIL if any round failed.
+# The middle value of the rounds; FAIL if any round failed, - if the
+# target did not run.
 median() {
     local values=$1 digits=${2:-0}
+    if [[ -z ${values// /} ]]; then
+        echo -
+        return
+    fi
     if [[ $values == *FAIL* ]]; then
         echo FAIL
         return
@@ -382,15 +532,43 @@ median() {
         '{ v[NR] = $1 } END { printf "%.*f", d, (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
+is_number() { [[ $1 =~ ^[0-9]+(\.[0-9]+)?$ ]]; }
+
 ratio() {
-    if [[ $1 == FAIL || $2 == FAIL ]]; then
-        echo "n/a"
-    else
+    if is_number "$1" && is_number "$2" && [[ ! $2 =~ ^0*(\.0*)?$ ]]; then
         awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'
+    else
+        echo "n/a"
     fi
 }
 
-# One table row: label, then direct, pgbouncer, off, on, hit ratio.
+# What the second of two measurements costs over the first, in percent of
+# the first: from TPS (time per transaction a/b - 1) or from latency
+# (b/a - 1).
+added_cost() {
+    local kind=$1 a=$2 b=$3
+    if ! is_number "$a" || ! is_number "$b" || [[ $a =~ ^0*(\.0*)?$ || $b =~ ^0*(\.0*)?$ ]]; then
+        echo n/a
+    elif [[ $kind == tps ]]; then
+        awk -v a="$a" -v b="$b" 'BEGIN { printf "%+.1f", 100 * (a / b - 1) }'
+    else
+        awk -v a="$a" -v b="$b" 'BEGIN { printf "%+.1f", 100 * (b / a - 1) }'
+    fi
+}
+
+# The median of a workload's metric on a target: tps or lat.
+m() {
+    local kind=$1 w=$2 target=$3
+    if [[ $kind == tps ]]; then
+        median "${tps["$w,$target"]:-}"
+    else
+        median "${lat["$w,$target"]:-}" 3
+    fi
+}
+mh() { median "${hits["$1,$2"]:-}" 1; }
+ms() { median "${rshare["$1,$2"]:-}" 1; }
+
+# Table 1: direct, pgbouncer, off, on, on's hit ratio, ratios.
 row() {
     local name=$1 d=$2 b=$3 f=$4 o=$5 h=$6
     printf '%-25s %9s %9s %9s %9s %6s %9s %7s %7s %10s %8s\n' "$name" "$d" "$b" "$f" "$o" "$h" \
@@ -400,35 +578,141 @@ header() {
     printf '%-25s %9s %9s %9s %9s %6s %9s %7s %7s %10s %8s\n' "$1" direct pgbouncer cache-off cache-on hit% \
         on/direct on/off on/pgb off/direct off/pgb
 }
+# Table 2, hits from the shared tier: direct, on, redis-only with its hit
+# ratio and the share of its lookups the Redis tier answered, local+redis
+# with the same, ratios.
+hits_row() {
+    local kind=$1 w=$2 name=$3 d o r l
+    d=$(m "$kind" "$w" direct) o=$(m "$kind" "$w" on)
+    r=$(m "$kind" "$w" redis-only) l=$(m "$kind" "$w" local+redis)
+    printf '%-25s %9s %9s %10s %6s %6s %11s %6s %6s %9s %6s %9s %6s\n' "$name" "$d" "$o" \
+        "$r" "$(mh "$w" redis-only)" "$(ms "$w" redis-only)" "$l" "$(mh "$w" local+redis)" "$(ms "$w" local+redis)" \
+        "$(ratio "$r" "$d")" "$(ratio "$r" "$o")" "$(ratio "$l" "$d")" "$(ratio "$l" "$o")"
+}
+hits_header() {
+    printf '%-25s %9s %9s %10s %6s %6s %11s %6s %6s %9s %6s %9s %6s\n' "$1" direct cache-on \
+        redis-only hit% redis% local+redis hit% redis% ro/direct ro/on lr/direct lr/on
+}
+# Table 3, misses: off, miss-local, miss-redis (with their hit ratios),
+# what Redis adds to a miss, and what the local tier's miss path costs
+# over no cache at all.
+miss_row() {
+    local kind=$1 w=$2 name=$3 f a b
+    f=$(m "$kind" "$w" off) a=$(m "$kind" "$w" miss-local) b=$(m "$kind" "$w" miss-redis)
+    printf '%-25s %9s %10s %6s %10s %6s %9s %11s %11s\n' "$name" "$f" "$a" "$(mh "$w" miss-local)" \
+        "$b" "$(mh "$w" miss-redis)" "$(ratio "$b" "$a")" "$(added_cost "$kind" "$a" "$b")" "$(added_cost "$kind" "$f" "$a")"
+}
+miss_header() {
+    printf '%-25s %9s %10s %6s %10s %6s %9s %11s %11s\n' "$1" cache-off miss-local hit% miss-redis hit% \
+        mR/mL "redis+%" "local+%"
+}
 label() {
     local name=${w_label[$1]}
     [[ ${w_args[$1]} == *prepared* ]] && name="$name *"
     echo "$name"
 }
 
+singles=()
+for w in "${workloads[@]}"; do is_single "$w" && singles+=("$w"); done
+
 echo
-echo "PostgreSQL $(psql -X -At -h "$UP_HOST" -p "$UP_PORT" -U postgres -d "$DB" -c 'SHOW server_version'), $("$bouncer_bin" --version | head -1), pgstash $(./target/release/pgstash --version | awk '{ print $2 }')"
+versions="PostgreSQL $(psql -X -At -h "$UP_HOST" -p "$UP_PORT" -U postgres -d "$DB" -c 'SHOW server_version')"
+[[ $uses_bouncer == 1 ]] && versions+=", $("$bouncer_bin" --version | head -1)"
+[[ $uses_redis == 1 ]] && versions+=", Redis $(rcli INFO server | tr -d '\r' | awk -F: '$1 == "redis_version" { print $2 }')"
+echo "$versions, pgstash $(./target/release/pgstash --version | awk '{ print $2 }')"
 echo "scale $SCALE ($ACCOUNTS accounts), $CLIENTS clients, $JOBS threads, ${DURATION}s per run, pool size $POOL_SIZE, median of $ROUNDS round(s)"
-echo "cache-on: warm-up sweep $([[ $WARMUP != 0 ]] && echo on || echo off), default_ttl 1h, capacity $CACHE_BYTES bytes"
+echo "warm-up sweep $([[ $WARMUP != 0 ]] && echo on || echo off) (on, redis-only, local+redis), default_ttl 1h, local capacity $CACHE_BYTES bytes (redis-only: 0); miss-*: default_ttl $MISS_TTL"
 echo
 header "TPS"
 for w in "${workloads[@]}"; do
-    row "$(label "$w")" "$(median "${tps["$w,direct"]}")" "$(median "${tps["$w,pgbouncer"]}")" \
-        "$(median "${tps["$w,off"]}")" "$(median "${tps["$w,on"]}")" "$(median "${hits[$w]}" 1)"
+    row "$(label "$w")" "$(m tps "$w" direct)" "$(m tps "$w" pgbouncer)" \
+        "$(m tps "$w" off)" "$(m tps "$w" on)" "$(mh "$w" on)"
 done
-singles=()
-for w in "${workloads[@]}"; do is_single "$w" && singles+=("$w"); done
 if [[ ${#singles[@]} -gt 0 ]]; then
     echo
     header "latency average (ms)"
     for w in "${singles[@]}"; do
-        row "$(label "$w")" "$(median "${lat["$w,direct"]}" 3)" "$(median "${lat["$w,pgbouncer"]}" 3)" \
-            "$(median "${lat["$w,off"]}" 3)" "$(median "${lat["$w,on"]}" 3)" "$(median "${hits[$w]}" 1)"
+        row "$(label "$w")" "$(m lat "$w" direct)" "$(m lat "$w" pgbouncer)" \
+            "$(m lat "$w" off)" "$(m lat "$w" on)" "$(mh "$w" on)"
     done
     echo "  (latency ratios below 1 mean the first target answers faster)"
 fi
+
+if [[ -n ${selected[redis-only]:-}${selected[local+redis]:-} ]]; then
+    echo
+    echo "Shared tier, hits (ro = redis-only, lr = local+redis)"
+    hits_header "TPS"
+    for w in "${workloads[@]}"; do hits_row tps "$w" "$(label "$w")"; done
+    if [[ ${#singles[@]} -gt 0 ]]; then
+        echo
+        hits_header "latency average (ms)"
+        for w in "${singles[@]}"; do hits_row lat "$w" "$(label "$w")"; done
+    fi
+fi
+
+if [[ -n ${selected[miss-local]:-}${selected[miss-redis]:-} ]]; then
+    echo
+    echo "Shared tier, misses (default_ttl $MISS_TTL: every lookup misses; mR/mL = miss-redis / miss-local)"
+    miss_header "TPS"
+    for w in "${workloads[@]}"; do miss_row tps "$w" "$(label "$w")"; done
+    if [[ ${#singles[@]} -gt 0 ]]; then
+        echo
+        miss_header "latency average (ms)"
+        for w in "${singles[@]}"; do miss_row lat "$w" "$(label "$w")"; done
+    fi
+    echo "  redis+% is the time per transaction (from TPS) or the latency that Redis adds to"
+    echo "  the local tier's miss; local+% what the local tier's miss adds to cache-off."
+fi
+
+if [[ ${#mem_rows[@]} -gt 0 ]]; then
+    echo
+    echo "Redis memory per cached pgbench row (used_memory growth during a sweep / result keys it added)"
+    printf '  %-12s %-9s %9s %12s %10s\n' target protocol keys "bytes" bytes/key
+    for r in "${mem_rows[@]}"; do
+        read -r target protocol added grown <<<"$r"
+        printf '  %-12s %-9s %9d %12d %10s\n' "$target" "$protocol" "$added" "$grown" \
+            "$(awk -v g="$grown" -v k="$added" 'BEGIN { printf "%.0f", g / k }')"
+    done
+fi
+
+# The goals the shared tier is held to, for the rows that ran.
+if [[ -n ${selected[direct]:-} && -n ${selected[redis-only]:-} ]]; then
+    echo
+    echo "goal: a Redis-tier hit serves select-only at >= 1.20x direct TPS"
+    for w in select_simple select_prepared; do
+        [[ " ${workloads[*]} " == *" $w "* ]] || continue
+        r=$(ratio "$(m tps "$w" redis-only)" "$(m tps "$w" direct)")
+        verdict="NOT met"
+        is_number "$r" && awk -v r="$r" 'BEGIN { exit !(r >= 1.20) }' && verdict=met
+        is_number "$r" || verdict="n/a"
+        printf '  %-25s redis-only/direct %5s  %s (%s%% of its lookups answered by Redis)\n' "$(label "$w")" "$r" "$verdict" "$(ms "$w" redis-only)"
+    done
+fi
+if [[ -n ${selected[miss-local]:-} && -n ${selected[miss-redis]:-} ]]; then
+    echo "goal: the shared tier adds <= 5 % to a miss"
+    for w in "${workloads[@]}"; do
+        kind=tps
+        is_single "$w" && kind=lat
+        c=$(added_cost "$kind" "$(m "$kind" "$w" miss-local)" "$(m "$kind" "$w" miss-redis)")
+        verdict="NOT met"
+        [[ $c != n/a ]] && awk -v c="$c" 'BEGIN { exit !(c <= 5) }' && verdict=met
+        [[ $c == n/a ]] && verdict="n/a"
+        printf '  %-25s %-7s %6s%%  %s\n' "$(label "$w")" "$([[ $kind == tps ]] && echo TPS || echo latency)" "$c" "$verdict"
+    done
+fi
+
 echo
-echo "hit% is hits / lookups of the cache-on run itself, from its /metrics."
-echo "* PgBouncer runs this row in session mode: 1.18's transaction mode cannot serve -M prepared."
-echo "  pgstash stays in transaction mode for every row."
+echo "hit% is hits / lookups of the run itself, from the instance's /metrics; redis% is the"
+echo "  share of those lookups that the Redis tier answered (pgstash_cache_hits_total{tier=\"redis\"})."
+if [[ $uses_redis == 1 ]]; then
+    if [[ -n ${rerrs[*]:-} ]]; then
+        echo "Redis errors (pgstash_redis_errors_total), by workload,target:$(for k in "${!rerrs[@]}"; do printf ' %s=%s' "$k" "${rerrs[$k]}"; done)"
+    else
+        echo "No Redis errors during the runs (pgstash_redis_errors_total)."
+    fi
+fi
+if [[ $uses_bouncer == 1 ]]; then
+    echo "* PgBouncer runs this row in session mode: 1.18's transaction mode cannot serve -M prepared."
+    echo "  pgstash stays in transaction mode for every row."
+fi
 echo "pgbench logs: $logs/"

@@ -70,12 +70,16 @@ async fn subscribe_and_follow(
             return Ok(());
         };
         let Ok(text) = message.get_payload::<String>() else {
+            shared.heard_now();
             continue;
         };
         let Some((database, values, sent_at)) = parse_bump(&text) else {
+            // A heartbeat: every bump published before it has arrived.
+            shared.heard_now();
             continue;
         };
         generations.observe(database, &values);
+        shared.heard_now();
         shared.stats.bumps_received.fetch_add(1, Ordering::Relaxed);
         crate::admin::metrics::bus_message("received");
         let now = SystemTime::now()
