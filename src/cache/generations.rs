@@ -95,11 +95,6 @@ impl Generations {
             .copied()
             .collect()
     }
-
-    /// Makes everything cached for `database` unreachable.
-    pub fn bump_database(&self, database: u32) {
-        self.bump(database, &[EPOCH]);
-    }
 }
 
 #[cfg(test)]
@@ -118,7 +113,7 @@ mod tests {
         g.bump(1, &[11]);
         assert!(!g.is_current(&s));
         let s = g.snapshot(1, &[10, 11]);
-        g.bump_database(1);
+        g.bump(1, &[EPOCH]);
         assert!(!g.is_current(&s));
     }
 }

@@ -320,31 +320,37 @@ impl Cache {
 
     /// The analysis of `sql`, parsed once per statement shape.
     pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
+        self.analyze_shaped(sql).1
+    }
+
+    /// The statement's shape (its literal-free fingerprint) and analysis.
+    pub fn analyze_shaped(&self, sql: &str) -> (u128, Arc<Analysis>) {
         let shape = fingerprint(sql);
         if let Some(found) = self.analyses.get(&shape) {
-            return found;
+            return (shape, found);
         }
         let analysis = Arc::new(analyze(sql));
         self.analyses.insert(shape, analysis.clone());
-        analysis
+        (shape, analysis)
     }
 
     /// The catalog of a database, unless it must be (re)loaded first.
-    pub fn catalog(&self, target: &Target) -> Option<Arc<Catalog>> {
+    /// `database` is a catalog key (`catalog_key`), computed once per pool.
+    pub fn catalog(&self, database: &Target) -> Option<Arc<Catalog>> {
         let catalogs = self.catalogs.read().unwrap_or_else(|e| e.into_inner());
         catalogs
-            .get(&database_of(target))
+            .get(database)
             .filter(|slot| !slot.stale)
             .map(|slot| slot.catalog.clone())
     }
 
-    pub fn store_catalog(&self, target: &Target, catalog: Catalog) -> Arc<Catalog> {
+    pub fn store_catalog(&self, database: &Target, catalog: Catalog) -> Arc<Catalog> {
         let catalog = Arc::new(catalog);
         self.catalogs
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(
-                database_of(target),
+                database.clone(),
                 CatalogSlot {
                     catalog: catalog.clone(),
                     stale: false,
@@ -357,14 +363,14 @@ impl Cache {
     /// and everything cached for the database becomes unreachable. The
     /// order matters: a reader that sees the new epoch must not decide with
     /// the old catalog.
-    pub async fn schema_changed(&self, target: &Target, database_oid: u32) {
-        self.mark_catalog_stale(target);
+    pub async fn schema_changed(&self, database: &Target, database_oid: u32) {
+        self.mark_catalog_stale(database);
         self.publish(database_oid, &[], true).await;
     }
 
-    pub fn mark_catalog_stale(&self, target: &Target) {
+    pub fn mark_catalog_stale(&self, database: &Target) {
         let mut catalogs = self.catalogs.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = catalogs.get_mut(&database_of(target)) {
+        if let Some(slot) = catalogs.get_mut(database) {
             slot.stale = true;
         }
     }
@@ -380,8 +386,9 @@ fn entry(snapshot: Snapshot, stored: StoredResult, ttl: std::time::Duration) -> 
     }
 }
 
-/// Catalogs are per database, whichever user reads them.
-fn database_of(target: &Target) -> Target {
+/// The key of a target's catalog: catalogs are per database, whichever
+/// user reads them.
+pub fn catalog_key(target: &Target) -> Target {
     Target {
         user: String::new(),
         ..target.clone()

@@ -232,25 +232,22 @@ impl SharedTier {
         }
     }
 
+    fn cached_connection(&self) -> Option<Connection> {
+        self.connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     async fn connection(&self) -> Result<Connection, SharedError> {
         if self.circuit_open() {
             return Err(SharedError::CircuitOpen);
         }
-        if let Some(c) = self
-            .connection
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(c) = self.cached_connection() {
             return Ok(c);
         }
         let _one_at_a_time = self.connecting.lock().await;
-        if let Some(c) = self
-            .connection
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(c) = self.cached_connection() {
             return Ok(c);
         }
         let connected = tokio::time::timeout(self.config.connect_timeout, self.connect()).await;
@@ -431,17 +428,17 @@ impl SharedTier {
         &self,
         key: u128,
         snapshot: &Snapshot,
-    ) -> Result<Option<StoredResult>, SharedError> {
+    ) -> Result<Option<(StoredResult, Duration)>, SharedError> {
         let redis_key = self.entry_key(key, snapshot);
         let value: Option<Vec<u8>> = self.run(redis::cmd("GET").arg(&redis_key)).await?;
         let Some(value) = value else {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
-        match StoredResult::decode(&value) {
-            Some(stored) => {
+        match StoredResult::decode_with_age(&value) {
+            Some(found) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                Ok(Some(stored))
+                Ok(Some(found))
             }
             None => {
                 // Truncated, corrupted or written by something else: never
@@ -471,11 +468,6 @@ impl SharedTier {
                 .arg(millis),
         )
         .await
-    }
-
-    /// Forgets the connection (tests use this to simulate a broken link).
-    pub fn drop_connection(&self) {
-        *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -515,6 +507,11 @@ impl StoredResult {
     }
 
     pub fn decode(value: &[u8]) -> Option<StoredResult> {
+        Self::decode_with_age(value).map(|(stored, _)| stored)
+    }
+
+    /// Decodes a value and tells how long ago it was stored.
+    pub fn decode_with_age(value: &[u8]) -> Option<(StoredResult, Duration)> {
         if value.len() < HEADER_LEN || &value[..4] != MAGIC {
             return None;
         }
@@ -534,10 +531,15 @@ impl StoredResult {
             }
             (Some(Bytes::copy_from_slice(&rest[..n])), &rest[n..])
         };
-        Some(StoredResult {
-            payload: Bytes::copy_from_slice(payload),
-            row_description,
-        })
+        let created = u64::from_be_bytes(body[..8].try_into().ok()?);
+        let age = Duration::from_micros(now_micros().saturating_sub(created));
+        Some((
+            StoredResult {
+                payload: Bytes::copy_from_slice(payload),
+                row_description,
+            },
+            age,
+        ))
     }
 }
 

@@ -21,6 +21,12 @@ impl Session {
         }
         self.drain_local();
         if !self.out.is_empty() {
+            // Counted once per read, not per frame: a result can be
+            // thousands of DataRows.
+            self.pool
+                .stats
+                .bytes_sent
+                .fetch_add(self.out.len() as u64, std::sync::atomic::Ordering::Relaxed);
             self.out.flush_to(&mut self.client).await?;
         }
         if let Err(e) = self.on_batch_end().await {
@@ -75,14 +81,19 @@ impl Session {
                     }
                 }
             }
-            msg::CLOSE_COMPLETE if matches!(self.pending.front(), Some(Expect::HiddenClose)) => {
-                self.pending.pop_front();
-                return;
+            msg::CLOSE_COMPLETE => {
+                if let Some(Expect::Close { shown }) = self.pending.front() {
+                    let shown = *shown;
+                    self.pending.pop_front();
+                    if !shown {
+                        return;
+                    }
+                }
             }
-            msg::BIND_COMPLETE | msg::CLOSE_COMPLETE | msg::NO_DATA => {
+            msg::BIND_COMPLETE | msg::NO_DATA => {
                 if matches!(
                     self.pending.front(),
-                    Some(Expect::Bind | Expect::Close | Expect::Describe { .. })
+                    Some(Expect::Bind | Expect::Describe { .. })
                 ) {
                     self.pending.pop_front();
                 }
@@ -171,10 +182,6 @@ impl Session {
             }
             _ => {}
         }
-        self.pool
-            .stats
-            .bytes_sent
-            .fetch_add(frame.raw.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.out.push(frame.raw);
     }
 

@@ -121,7 +121,7 @@ impl Session {
         let Some(cache) = self.cache() else {
             return Err(Reason::Disabled);
         };
-        let catalog = match cache.catalog(&self.pool.target) {
+        let catalog = match cache.catalog(&self.pool.catalog_key) {
             Some(catalog) => catalog,
             None => {
                 // The catalog is read over an idle server: one taken from
@@ -168,12 +168,12 @@ impl Session {
     /// Loads the catalog over the attached server, which must be idle.
     pub(super) async fn load_catalog(&mut self) -> Option<Arc<Catalog>> {
         let cache = self.cache()?;
-        if let Some(catalog) = cache.catalog(&self.pool.target) {
+        if let Some(catalog) = cache.catalog(&self.pool.catalog_key) {
             return Some(catalog);
         }
         let server = self.server.as_mut()?;
         match Box::pin(Catalog::load(server)).await {
-            Ok(catalog) => Some(cache.store_catalog(&self.pool.target, catalog)),
+            Ok(catalog) => Some(cache.store_catalog(&self.pool.catalog_key, catalog)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot load the catalog; caching is off until it loads");
                 server.broken = true;
@@ -202,6 +202,7 @@ impl Session {
     pub(super) async fn simple_query_lookup(
         &mut self,
         text: &str,
+        shape: u128,
         analysis: &Analysis,
     ) -> Result<Option<Box<Fill>>, Reason> {
         let mut result = self.simple_query_decision(text, analysis).await;
@@ -212,7 +213,6 @@ impl Session {
                 Err(reason) => Outcome::Bypass(*reason),
             };
             cache.stats.count(outcome);
-            let shape = crate::sql::fingerprint::fingerprint(text);
             cache.shapes.record(shape, text, outcome);
             if let Ok(Some(fill)) = &mut result {
                 fill.shape = Some(shape);
@@ -303,7 +303,13 @@ impl Session {
         let Some(shared) = &cache.shared else {
             return false;
         };
-        let Ok(Some(stored)) = shared.get(key, snapshot).await else {
+        let Ok(Some((stored, age))) = shared.get(key, snapshot).await else {
+            return false;
+        };
+        // The TTL is this query's (its rules may be shorter than the
+        // filler's): an older result is not served, and a promoted copy
+        // lives only for what is left of it.
+        let Some(left) = decision.ttl.checked_sub(age).filter(|d| !d.is_zero()) else {
             return false;
         };
         self.out.push_shared(stored.payload.clone());
@@ -316,7 +322,7 @@ impl Session {
                 snapshot: snapshot.clone(),
                 payload: stored.payload,
                 row_description: stored.row_description,
-                ttl: decision.ttl,
+                ttl: left,
                 stored_at: std::time::Instant::now(),
             },
         );
@@ -367,7 +373,7 @@ impl Session {
         }
         let Some(cache) = self.cache() else { return };
         let catalog = cache
-            .catalog(&self.pool.target)
+            .catalog(&self.pool.catalog_key)
             .or_else(|| self.cache_state.context.as_ref().map(|c| c.catalog.clone()));
         let Some(catalog) = catalog else {
             // No catalog was ever loaded for this database, so nothing of it
@@ -378,7 +384,7 @@ impl Session {
         let database = catalog.database_oid;
         if writes.schema {
             cache.stats.invalidation(true);
-            cache.schema_changed(&self.pool.target, database).await;
+            cache.schema_changed(&self.pool.catalog_key, database).await;
             // Statements prepared before the change keep failing the way
             // Postgres makes them fail ("cached plan must not change result
             // type", which drivers such as asyncpg handle); a statement

@@ -200,12 +200,11 @@ impl Session {
     }
 
     async fn on_query(&mut self, frame: Frame) -> Result<(), SessionError> {
-        if let Some(text) = msg::query_text(frame.body()) {
+        let text = msg::query_text(frame.body());
+        if let Some(text) = text {
             self.note_statement(text.as_bytes());
         }
-        let effects = msg::query_text(frame.body())
-            .map(session_effects)
-            .unwrap_or_default();
+        let effects = text.map(session_effects).unwrap_or_default();
         if let Some(target) = &effects.deallocate {
             if self.deallocate_locally(target.as_deref()) {
                 return Ok(());
@@ -214,16 +213,15 @@ impl Session {
         self.apply_effects(&effects);
         let mut fill = None;
         let mut writes = None;
-        if let (Some(cache), Some(text)) = (self.proxy.cache.clone(), msg::query_text(frame.body()))
-        {
-            let analysis = cache.analyze(text);
+        if let (Some(cache), Some(text)) = (self.proxy.cache.clone(), text) {
+            let (shape, analysis) = cache.analyze_shaped(text);
             self.note_unknown_effects(&analysis);
             writes = WriteSet::of(&analysis);
             if writes.is_some() {
                 self.prepare_for_write(&writes).await;
             } else {
                 let started = std::time::Instant::now();
-                match self.simple_query_lookup(text, &analysis).await {
+                match self.simple_query_lookup(text, shape, &analysis).await {
                     Ok(None) => {
                         crate::admin::metrics::get()
                             .hit_duration
@@ -400,7 +398,7 @@ impl Session {
                     name: &statement.server_name,
                 }
                 .encode(msg::CLOSE, &statement.server_name, &mut self.server_out);
-                self.pending.push_back(Expect::HiddenClose);
+                self.pending.push_back(Expect::Close { shown: false });
             }
             server.prepared.insert(id);
             parse.encode_named(&statement.server_name, &mut self.server_out);
@@ -542,7 +540,8 @@ impl Session {
             self.push_local(out);
             return Ok(());
         }
-        self.forward(frame, Some(Expect::Close), true).await;
+        self.forward(frame, Some(Expect::Close { shown: true }), true)
+            .await;
         Ok(())
     }
 

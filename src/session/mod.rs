@@ -61,8 +61,10 @@ enum Expect {
         client_name: Option<Vec<u8>>,
     },
     Bind,
-    /// A Close pgstash sent itself; its CloseComplete is not the client's.
-    HiddenClose,
+    /// CloseComplete; `shown` is false for a Close pgstash sent itself.
+    Close {
+        shown: bool,
+    },
     /// `capture`: the RowDescription goes with the fill of the Execute
     /// that follows.
     Describe {
@@ -74,7 +76,6 @@ enum Expect {
         writes: Option<Box<WriteSet>>,
         fill: Option<Box<Fill>>,
     },
-    Close,
     Sync,
     /// A simple Query; a cacheable read carries the fill capturing it.
     Query {

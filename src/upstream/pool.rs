@@ -59,6 +59,8 @@ struct Circuit {
 
 pub struct Pool {
     pub target: Target,
+    /// `target` without the user: where this pool's catalog is kept.
+    pub catalog_key: Target,
     password: Option<String>,
     settings: PoolConfig,
     connect_timeout: Duration,
@@ -76,9 +78,6 @@ pub struct Pool {
     generation: AtomicU64,
     idle: Mutex<Vec<ServerConn>>,
     circuit: Mutex<Circuit>,
-    /// ParameterStatus values from the latest login, replayed to clients at
-    /// their startup.
-    server_params: Mutex<Vec<(String, String)>>,
     /// Statements Postgres has accepted on some connection of this pool.
     known_statements: Mutex<HashSet<u128>>,
     next_id: Arc<AtomicU64>,
@@ -206,7 +205,7 @@ impl Pool {
             .await;
             match result {
                 Ok(conn) => {
-                    self.record_success(&conn);
+                    self.record_success();
                     return Ok(conn);
                 }
                 Err(e) if e.is_transient() => {
@@ -250,14 +249,12 @@ impl Pool {
         }
     }
 
-    fn record_success(&self, conn: &ServerConn) {
+    fn record_success(&self) {
         let mut circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
         if circuit.open_until.is_some() {
             tracing::info!(target = %self.target.host, "circuit closed: upstream is back");
         }
         *circuit = Circuit::default();
-        drop(circuit);
-        *self.server_params.lock().unwrap_or_else(|e| e.into_inner()) = conn.startup_params.clone();
     }
 
     pub fn is_known_statement(&self, id: u128) -> bool {
@@ -286,13 +283,6 @@ impl Pool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-    }
-
-    pub fn server_params(&self) -> Vec<(String, String)> {
-        self.server_params
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 
     /// Closes connections idle too long or too old, and tops the pool up to
@@ -423,6 +413,7 @@ impl PoolSet {
                 let size = config.pool_size_for(client_database, &target.user);
                 Arc::new(Pool {
                     target: target.clone(),
+                    catalog_key: crate::cache::catalog_key(target),
                     password: config.password_for(&target.user),
                     settings: config.pool.clone(),
                     connect_timeout: config.upstream.connect_timeout,
@@ -436,7 +427,6 @@ impl PoolSet {
                     generation: AtomicU64::new(0),
                     idle: Mutex::new(Vec::new()),
                     circuit: Mutex::new(Circuit::default()),
-                    server_params: Mutex::new(Vec::new()),
                     known_statements: Mutex::new(HashSet::new()),
                     next_id: self.next_id.clone(),
                 })
