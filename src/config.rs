@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::tls::{ClientTlsMode, UpstreamSslMode};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -55,6 +57,9 @@ pub struct Config {
     pub cache: CacheConfig,
     pub redis: RedisConfig,
     pub admin: AdminConfig,
+    pub auth: AuthConfig,
+    pub tls: ClientTlsConfig,
+    pub audit: AuditConfig,
     /// Client database name → upstream database.
     pub databases: BTreeMap<String, DatabaseConfig>,
     /// User name → upstream credentials.
@@ -72,6 +77,118 @@ pub struct UpstreamConfig {
     pub password: Option<String>,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// TLS to Postgres: disable, prefer, require, verify-ca, verify-full.
+    pub sslmode: UpstreamSslMode,
+    /// CA certificates (PEM) for verify-ca and verify-full.
+    pub sslrootcert: String,
+    /// Client certificate and key (PEM) presented to Postgres, if any.
+    pub sslcert: String,
+    pub sslkey: String,
+}
+
+/// TLS towards clients.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    /// disable, allow, prefer or require.
+    pub mode: ClientTlsMode,
+    /// Certificate chain and private key (PEM); read again on reload.
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+/// Client authentication methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    Trust,
+    Reject,
+    /// Cleartext password (only sensible over TLS).
+    Password,
+    /// MD5 challenge; a user whose secret is a SCRAM verifier gets SCRAM,
+    /// as in Postgres.
+    Md5,
+    ScramSha256,
+}
+
+/// One address rule, like a line of pg_hba.conf; the first rule that
+/// matches a client's database, user and address decides its method.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthRule {
+    /// Client database name, or "all".
+    #[serde(default = "all")]
+    pub database: String,
+    /// User name, or "all".
+    #[serde(default = "all")]
+    pub user: String,
+    /// Client network in CIDR form ("10.0.0.0/8", "::1/128"), or "all".
+    #[serde(default = "all")]
+    pub address: String,
+    pub method: AuthMethod,
+}
+
+fn all() -> String {
+    "all".into()
+}
+
+/// Who may log in, and where their secrets come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Method for every client when `rules` is empty.
+    pub method: AuthMethod,
+    /// Address rules; with rules, a client no rule matches is refused.
+    pub rules: Vec<AuthRule>,
+    /// Iterations used for SCRAM secrets derived from plain passwords.
+    pub scram_iterations: u32,
+    /// PgBouncer `userlist.txt`: `"user" "secret"` per line, where the
+    /// secret is a password, `md5…` or a `SCRAM-SHA-256$…` verifier.
+    pub auth_file: String,
+    /// Asked for users found neither in `[users]` nor in `auth_file`, with
+    /// the user name as $1; must return (name, secret), e.g.
+    /// `SELECT usename, passwd FROM pg_shadow WHERE usename = $1`.
+    pub auth_query: String,
+    /// The user pgstash runs `auth_query` as (its password from `[users]`).
+    pub auth_user: String,
+    /// Database `auth_query` runs in; empty: the client's database.
+    pub auth_dbname: String,
+    /// How long an `auth_query` answer is reused.
+    #[serde(with = "humantime_serde")]
+    pub auth_query_cache: Duration,
+    /// Every failed login is answered after this delay, whether or not the
+    /// user exists.
+    #[serde(with = "humantime_serde")]
+    pub failure_delay: Duration,
+    /// Repeated failures from one address double the delay up to this.
+    #[serde(with = "humantime_serde")]
+    pub failure_delay_max: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            method: AuthMethod::Trust,
+            rules: Vec::new(),
+            scram_iterations: 4096,
+            auth_file: String::new(),
+            auth_query: String::new(),
+            auth_user: String::new(),
+            auth_dbname: String::new(),
+            auth_query_cache: Duration::from_secs(10),
+            failure_delay: Duration::from_millis(200),
+            failure_delay_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The audit log: logins and DDL/privilege statements, one JSON object
+/// per line.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// "" (off), "stdout", or a file path (appended to).
+    pub destination: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +266,9 @@ impl Default for Config {
             cache: CacheConfig::default(),
             redis: RedisConfig::default(),
             admin: AdminConfig::default(),
+            auth: AuthConfig::default(),
+            tls: ClientTlsConfig::default(),
+            audit: AuditConfig::default(),
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
         }
@@ -162,6 +282,10 @@ impl Default for UpstreamConfig {
             port: 5432,
             password: None,
             connect_timeout: Duration::from_secs(5),
+            sslmode: UpstreamSslMode::Disable,
+            sslrootcert: String::new(),
+            sslcert: String::new(),
+            sslkey: String::new(),
         }
     }
 }
@@ -384,6 +508,24 @@ impl Config {
         if self.max_message_size < 1024 {
             return invalid("max_message_size must be at least 1024".into());
         }
+        if self.tls.mode != ClientTlsMode::Disable
+            && (self.tls.cert_file.is_empty() || self.tls.key_file.is_empty())
+        {
+            return invalid(
+                "tls.mode other than disable needs tls.cert_file and tls.key_file".into(),
+            );
+        }
+        for rule in &self.auth.rules {
+            if rule.address != "all" && rule.address.parse::<ipnet::IpNet>().is_err() {
+                return invalid(format!(
+                    "auth rule address {:?} is not a CIDR network or \"all\"",
+                    rule.address
+                ));
+            }
+        }
+        if !self.auth.auth_query.is_empty() && self.auth.auth_user.is_empty() {
+            return invalid("auth.auth_query needs auth.auth_user".into());
+        }
         for (name, db) in &self.databases {
             if db.host.is_none() && self.upstream.host.is_empty() {
                 return invalid(format!(
@@ -452,6 +594,22 @@ impl Config {
             .or_else(|| self.upstream.password.clone())
     }
 
+    /// How pgstash logs in to Postgres as `user` from the configuration
+    /// alone. A SCRAM verifier is no password: such users are logged in
+    /// with the keys their own clients prove.
+    pub fn upstream_secret_for(
+        &self,
+        user: &str,
+    ) -> Option<crate::upstream::connection::UpstreamSecret> {
+        use crate::auth::Secret;
+        use crate::upstream::connection::UpstreamSecret;
+        match Secret::parse(&self.password_for(user)?) {
+            Secret::Plain(p) => Some(UpstreamSecret::Password(p)),
+            Secret::Md5(h) => Some(UpstreamSecret::Md5Hash(h)),
+            Secret::Scram(_) => None,
+        }
+    }
+
     pub fn pool_size_for(&self, database: &str, user: &str) -> usize {
         self.users
             .get(user)
@@ -514,6 +672,15 @@ fn apply_override(table: &mut toml::Table, path: &str, value: &str) {
         "dbname",
         "listen",
         "metrics_listen",
+        "cert_file",
+        "key_file",
+        "auth_file",
+        "auth_query",
+        "auth_user",
+        "destination",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
     ];
     let parsed = if textual.contains(&last) {
         toml::Value::String(value.to_owned())

@@ -12,7 +12,9 @@
 //! - [`cache`]: statement analysis, catalog knowledge, keys, the local
 //!   tier and invalidation by table generation.
 //! - [`admin`]: metrics and the HTTP endpoint.
-//! - [`auth`]: client authentication.
+//! - [`auth`]: client authentication: address rules, secrets, SCRAM/MD5.
+//! - [`tls`]: TLS towards clients and towards Postgres.
+//! - [`audit`]: the audit log of logins and privileged statements.
 //!
 //! # The path of a query
 //!
@@ -25,6 +27,7 @@
 //! with nothing else in flight, the connection goes back to the pool.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod cache;
 pub mod config;
@@ -32,4 +35,5 @@ pub mod listener;
 pub mod protocol;
 pub mod session;
 pub mod sql;
+pub mod tls;
 pub mod upstream;

@@ -11,10 +11,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::audit::AuditLog;
+use crate::auth::Authenticator;
 use crate::cache::Cache;
-use crate::config::Config;
+use crate::config::{Config, Target};
 use crate::session::{self, cancel::CancelRegistry};
-use crate::upstream::PoolSet;
+use crate::tls::ServerTls;
+use crate::upstream::connection::UpstreamTls;
+use crate::upstream::{Pool, PoolSet};
 
 /// What SHOW CLIENTS tells about one client.
 #[derive(Debug)]
@@ -47,15 +51,55 @@ pub struct Proxy {
     pub shutdown_requested: tokio::sync::Notify,
     /// The file the configuration came from, for RELOAD.
     pub config_path: OnceLock<std::path::PathBuf>,
+    /// TLS and authentication state, rebuilt on RELOAD.
+    security: arc_swap::ArcSwap<Security>,
+    pub audit: arc_swap::ArcSwap<AuditLog>,
+}
+
+/// What the files named in the configuration (certificates, the auth
+/// file) were when last loaded.
+pub struct Security {
+    pub server_tls: Option<Arc<ServerTls>>,
+    pub upstream_tls: Option<UpstreamTls>,
+    pub authenticator: Authenticator,
+}
+
+impl Security {
+    pub fn load(config: &Config, previous: Option<&Security>) -> Result<Security, String> {
+        let server_tls = crate::tls::load_server(&config.tls).map_err(|e| e.to_string())?;
+        let upstream_tls = crate::tls::load_upstream(&config.upstream)
+            .map_err(|e| e.to_string())?
+            .map(|connector| UpstreamTls {
+                connector,
+                mode: config.upstream.sslmode,
+            });
+        let authenticator = Authenticator::load(
+            config,
+            server_tls.as_ref().map(|t| t.certificate_pem.as_slice()),
+            previous.map(|p| &p.authenticator),
+        )?;
+        Ok(Security {
+            server_tls,
+            upstream_tls,
+            authenticator,
+        })
+    }
 }
 
 impl Proxy {
-    pub fn new(config: Config) -> Arc<Proxy> {
+    /// Fails when a certificate, key or auth file named in the
+    /// configuration cannot be loaded.
+    pub fn new(config: Config) -> Result<Arc<Proxy>, String> {
+        let security = Security::load(&config, None)?;
+        let audit = AuditLog::open(&config.audit.destination)
+            .map_err(|e| format!("audit.destination {}: {e}", config.audit.destination))?;
         let cache = config
             .cache
             .enabled
             .then(|| Arc::new(Cache::new(config.cache.clone(), config.redis.clone())));
-        Arc::new(Proxy {
+        Ok(Arc::new(Proxy {
+            security: arc_swap::ArcSwap::from_pointee(security),
+            audit: arc_swap::ArcSwap::from_pointee(audit),
             cache,
             config: arc_swap::ArcSwap::from_pointee(config),
             pools: Arc::new(PoolSet::default()),
@@ -67,7 +111,35 @@ impl Proxy {
             client_infos: std::sync::Mutex::new(std::collections::HashMap::new()),
             shutdown_requested: tokio::sync::Notify::new(),
             config_path: OnceLock::new(),
-        })
+        }))
+    }
+
+    pub fn security(&self) -> Arc<Security> {
+        self.security.load_full()
+    }
+
+    /// Reloads certificates, keys, the auth file and the audit log for
+    /// `config`; on failure the old ones stay.
+    pub fn reload_security(&self, config: &Config) -> Result<(), String> {
+        let fresh = Security::load(config, Some(&self.security()))?;
+        self.security.store(Arc::new(fresh));
+        if self.audit.load().destination() != config.audit.destination {
+            let audit = AuditLog::open(&config.audit.destination)
+                .map_err(|e| format!("audit.destination {}: {e}", config.audit.destination))?;
+            self.audit.store(Arc::new(audit));
+        }
+        Ok(())
+    }
+
+    /// The pool for a target (created on first use).
+    pub fn pool_for(&self, config: &Config, target: &Target, client_database: &str) -> Arc<Pool> {
+        let security = self.security.load();
+        self.pools.get(
+            config,
+            target,
+            client_database,
+            security.upstream_tls.as_ref(),
+        )
     }
 
     pub fn config(&self) -> Arc<Config> {

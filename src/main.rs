@@ -129,7 +129,13 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(listen = %config.listen, upstream = %config.upstream.host, "pgstash listening");
-        let proxy = Proxy::new(config);
+        let proxy = match Proxy::new(config) {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                eprintln!("pgstash: {e}");
+                return ExitCode::from(2);
+            }
+        };
         if let Some(path) = &config_path {
             let _ = proxy.config_path.set(path.clone());
         }

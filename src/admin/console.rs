@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
+use crate::tls::ClientStream;
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::config::Config;
 use crate::listener::Proxy;
@@ -35,7 +35,7 @@ enum Reply {
 
 /// Serves an admin connection after its StartupMessage.
 pub async fn serve(
-    mut stream: TcpStream,
+    mut stream: ClientStream,
     mut buf: BytesMut,
     params: &BTreeMap<String, String>,
     proxy: Arc<Proxy>,
@@ -43,6 +43,7 @@ pub async fn serve(
     let config = proxy.config();
     let user = params.get("user").cloned().unwrap_or_default();
     let local = stream
+        .tcp()
         .peer_addr()
         .map(|a| a.ip().is_loopback())
         .unwrap_or(false);
@@ -54,7 +55,7 @@ pub async fn serve(
             "28000",
             "the admin console accepts local connections only",
         );
-        let _ = stream.write_all(&out).await;
+        let _ = send(&mut stream, &out).await;
         return;
     }
     if !config.admin.users.is_empty() && !config.admin.users.contains(&user) {
@@ -64,7 +65,7 @@ pub async fn serve(
             "28000",
             &format!("user \"{user}\" is not an admin user"),
         );
-        let _ = stream.write_all(&out).await;
+        let _ = send(&mut stream, &out).await;
         return;
     }
     msg::authentication_ok(&mut out);
@@ -80,7 +81,7 @@ pub async fn serve(
     }
     msg::backend_key_data(&mut out, 0, 0);
     msg::ready_for_query(&mut out, b'I');
-    if stream.write_all(&out).await.is_err() {
+    if send(&mut stream, &out).await.is_err() {
         return;
     }
     let mut discarding = false;
@@ -92,7 +93,7 @@ pub async fn serve(
                 Ok(None) => break,
                 Err(e) => {
                     msg::error_response(&mut out, Severity::Fatal, "08P01", &e.to_string());
-                    let _ = stream.write_all(&out).await;
+                    let _ = send(&mut stream, &out).await;
                     return;
                 }
             };
@@ -127,7 +128,7 @@ pub async fn serve(
                 }
             }
         }
-        if !out.is_empty() && stream.write_all(&out).await.is_err() {
+        if !out.is_empty() && send(&mut stream, &out).await.is_err() {
             return;
         }
         match stream.read_buf(&mut buf).await {
@@ -135,6 +136,11 @@ pub async fn serve(
             Ok(_) => {}
         }
     }
+}
+
+async fn send(stream: &mut ClientStream, out: &[u8]) -> std::io::Result<()> {
+    stream.write_all(out).await?;
+    stream.flush().await
 }
 
 fn encode(reply: Reply, out: &mut BytesMut) {
@@ -549,6 +555,12 @@ pub fn reload(proxy: &Proxy) -> Result<String, String> {
             .unwrap_or_else(|| pool.target.database.clone());
         pool.resize(fresh.pool_size_for(&database, &pool.target.user));
     }
+    if fresh.upstream.sslmode != old.upstream.sslmode
+        || fresh.upstream.sslrootcert != old.upstream.sslrootcert
+    {
+        needs_restart.push("upstream.sslmode/sslrootcert (pools already open)");
+    }
+    proxy.reload_security(&fresh)?;
     if let Some(cache) = &proxy.cache {
         cache.config.store(Arc::new(fresh.cache.clone()));
     }

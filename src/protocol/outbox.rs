@@ -77,7 +77,12 @@ impl Outbox {
 
     /// Writes everything out. The outbox is empty afterwards even on error.
     pub async fn flush_to<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> std::io::Result<()> {
-        let result = self.write_all(writer).await;
+        let mut result = self.write_all(writer).await;
+        if result.is_ok() {
+            // TLS keeps the last record until flushed; plain TCP has
+            // nothing to flush.
+            result = writer.flush().await;
+        }
         self.chunks.clear();
         self.len = 0;
         result

@@ -22,6 +22,8 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
+
+use crate::tls::ClientStream;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -134,7 +136,7 @@ struct AfterBatch {
 pub struct Session {
     id: u64,
     proxy: Arc<Proxy>,
-    client: TcpStream,
+    client: ClientStream,
     client_buf: BytesMut,
     out: Outbox,
     server_out: BytesMut,
@@ -192,7 +194,7 @@ pub async fn run(
     async move {
         // Boxed: the session's state machine is deep, and the task that
         // spawns it should not have to carry its layout.
-        let session = match Box::pin(startup::accept(stream, id, proxy.clone())).await {
+        let session = match Box::pin(startup::accept(stream, peer, id, proxy.clone())).await {
             Ok(Some(session)) => session,
             Ok(None) => return,
             Err(e) => {
@@ -246,16 +248,9 @@ impl Session {
                 return Ok(());
             }
             tokio::select! {
-                ready = self.client.readable() => {
-                    ready?;
-                    // The buffer is only allocated once there is something
-                    // to read, so an idle client holds no buffer at all.
-                    crate::upstream::connection::reserve_for_read(&mut self.client_buf);
-                    match self.client.try_read_buf(&mut self.client_buf) {
-                        Ok(0) => return Ok(()),
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Err(e.into()),
+                read = self.client.read_some(&mut self.client_buf) => {
+                    if read? == 0 {
+                        return Ok(());
                     }
                     let flow = self.on_client_input().await?;
                     if self.client_buf.is_empty() {

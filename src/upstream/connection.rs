@@ -1,5 +1,7 @@
-//! One connection to Postgres: connect, authenticate with postgres-protocol
-//! (cleartext, md5, SCRAM-SHA-256), then read and write raw frames.
+//! One connection to Postgres: connect (over TLS when `sslmode` asks),
+//! authenticate with postgres-protocol (cleartext, md5, SCRAM-SHA-256, or
+//! SCRAM keys passed through from the client), then read and write raw
+//! frames.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -10,9 +12,11 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::auth::scram::{KeyedScramClient, ScramKeys};
 use crate::config::Target;
 use crate::protocol::frame::{split_frame, Frame, FrameError};
 use crate::protocol::messages::{self as msg, error_fields};
+use crate::tls::{MaybeTls, ServerStream, UpstreamSslMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -33,6 +37,33 @@ pub enum UpstreamError {
     Protocol(String),
     #[error("server requires a password for user {0:?} and none is configured")]
     NoPassword(String),
+    #[error("TLS to {addr}: {message}")]
+    Tls { addr: String, message: String },
+}
+
+/// How pgstash proves a user's identity to Postgres.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamSecret {
+    Password(String),
+    /// `md5…` as stored by Postgres: enough to answer an MD5 challenge.
+    Md5Hash(String),
+    /// Recovered from a client's SCRAM exchange against the same verifier.
+    ScramKeys(ScramKeys),
+}
+
+/// TLS towards Postgres.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub mode: UpstreamSslMode,
+}
+
+/// Everything a new server connection needs besides its target.
+pub struct ConnectOptions<'a> {
+    pub secret: Option<&'a UpstreamSecret>,
+    pub tls: Option<&'a UpstreamTls>,
+    pub connect_timeout: Duration,
+    pub max_message_size: usize,
 }
 
 impl UpstreamError {
@@ -53,6 +84,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Server { code, .. } => code,
             UpstreamError::NoPassword(_) => "28P01",
+            UpstreamError::Tls { .. } => "08001",
             UpstreamError::Protocol(_) => "08P01",
             _ => "08006",
         }
@@ -69,7 +101,7 @@ impl From<FrameError> for UpstreamError {
 /// session state.
 pub struct ServerConn {
     pub id: u64,
-    stream: TcpStream,
+    stream: ServerStream,
     pub read_buf: BytesMut,
     max_message_size: usize,
     /// ParameterStatus values reported at startup.
@@ -106,11 +138,10 @@ impl ServerConn {
     pub async fn connect(
         id: u64,
         target: &Target,
-        password: Option<&str>,
-        connect_timeout: Duration,
-        max_message_size: usize,
+        options: ConnectOptions<'_>,
     ) -> Result<ServerConn, UpstreamError> {
         let addr = format!("{}:{}", target.host, target.port);
+        let connect_timeout = options.connect_timeout;
         let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(&addr))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(addr.clone()))?
@@ -119,11 +150,20 @@ impl ServerConn {
                 source,
             })?;
         stream.set_nodelay(true)?;
+        let stream = match options.tls {
+            Some(tls) => tokio::time::timeout(
+                connect_timeout,
+                negotiate_tls(stream, tls, &target.host, &addr),
+            )
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(addr.clone()))??,
+            None => MaybeTls::Plain(stream),
+        };
         let mut conn = ServerConn {
             id,
             stream,
             read_buf: BytesMut::with_capacity(16 * 1024),
-            max_message_size,
+            max_message_size: options.max_message_size,
             startup_params: Vec::new(),
             cancel_key: (0, 0),
             cancel_addr: addr.clone(),
@@ -134,7 +174,7 @@ impl ServerConn {
             last_used: Instant::now(),
             broken: false,
         };
-        tokio::time::timeout(connect_timeout, conn.startup(target, password))
+        tokio::time::timeout(connect_timeout, conn.startup(target, options.secret))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(addr))??;
         Ok(conn)
@@ -143,8 +183,13 @@ impl ServerConn {
     async fn startup(
         &mut self,
         target: &Target,
-        password: Option<&str>,
+        secret: Option<&UpstreamSecret>,
     ) -> Result<(), UpstreamError> {
+        let password = match secret {
+            Some(UpstreamSecret::Password(p)) => Some(p.as_str()),
+            _ => None,
+        };
+        let no_secret = || UpstreamError::NoPassword(target.user.clone());
         let mut out = BytesMut::new();
         frontend::startup_message(
             [
@@ -153,8 +198,9 @@ impl ServerConn {
             ],
             &mut out,
         )?;
-        self.stream.write_all(&out).await?;
+        self.write_all(&out).await?;
         let mut scram: Option<sasl::ScramSha256> = None;
+        let mut keyed: Option<KeyedScramClient> = None;
         loop {
             let message = self.read_backend_message().await?;
             out.clear();
@@ -166,14 +212,18 @@ impl ServerConn {
                     frontend::password_message(pw.as_bytes(), &mut out)?;
                 }
                 backend::Message::AuthenticationMd5Password(body) => {
-                    let pw =
-                        password.ok_or_else(|| UpstreamError::NoPassword(target.user.clone()))?;
-                    let hash = md5_hash(target.user.as_bytes(), pw.as_bytes(), body.salt());
+                    let hash = match secret {
+                        Some(UpstreamSecret::Password(pw)) => {
+                            md5_hash(target.user.as_bytes(), pw.as_bytes(), body.salt())
+                        }
+                        Some(UpstreamSecret::Md5Hash(stored)) => {
+                            crate::auth::md5_response(stored, &body.salt())
+                        }
+                        _ => return Err(no_secret()),
+                    };
                     frontend::password_message(hash.as_bytes(), &mut out)?;
                 }
                 backend::Message::AuthenticationSasl(body) => {
-                    let pw =
-                        password.ok_or_else(|| UpstreamError::NoPassword(target.user.clone()))?;
                     let mut mechanisms = body.mechanisms();
                     let mut supported = false;
                     while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechanisms)?
@@ -185,27 +235,56 @@ impl ServerConn {
                             "server offers no SASL mechanism pgstash supports".into(),
                         ));
                     }
-                    let client =
-                        sasl::ScramSha256::new(pw.as_bytes(), sasl::ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(
-                        sasl::SCRAM_SHA_256,
-                        client.message(),
-                        &mut out,
-                    )?;
-                    scram = Some(client);
+                    match secret {
+                        Some(UpstreamSecret::Password(pw)) => {
+                            let client = sasl::ScramSha256::new(
+                                pw.as_bytes(),
+                                sasl::ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                sasl::SCRAM_SHA_256,
+                                client.message(),
+                                &mut out,
+                            )?;
+                            scram = Some(client);
+                        }
+                        Some(UpstreamSecret::ScramKeys(keys)) => {
+                            let client = KeyedScramClient::new(keys.clone());
+                            frontend::sasl_initial_response(
+                                sasl::SCRAM_SHA_256,
+                                client.client_first().as_bytes(),
+                                &mut out,
+                            )?;
+                            keyed = Some(client);
+                        }
+                        _ => return Err(no_secret()),
+                    }
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {
-                    let client = scram.as_mut().ok_or_else(|| {
-                        UpstreamError::Protocol("unexpected SASL continue".into())
-                    })?;
-                    client.update(body.data())?;
-                    frontend::sasl_response(client.message(), &mut out)?;
+                    if let Some(client) = keyed.as_mut() {
+                        let answer = client
+                            .client_final(body.data())
+                            .map_err(UpstreamError::Protocol)?;
+                        frontend::sasl_response(answer.as_bytes(), &mut out)?;
+                    } else {
+                        let client = scram.as_mut().ok_or_else(|| {
+                            UpstreamError::Protocol("unexpected SASL continue".into())
+                        })?;
+                        client.update(body.data())?;
+                        frontend::sasl_response(client.message(), &mut out)?;
+                    }
                 }
                 backend::Message::AuthenticationSaslFinal(body) => {
-                    let client = scram
-                        .as_mut()
-                        .ok_or_else(|| UpstreamError::Protocol("unexpected SASL final".into()))?;
-                    client.finish(body.data())?;
+                    if let Some(client) = keyed.as_ref() {
+                        client
+                            .verify_server_final(body.data())
+                            .map_err(UpstreamError::Protocol)?;
+                    } else {
+                        let client = scram.as_mut().ok_or_else(|| {
+                            UpstreamError::Protocol("unexpected SASL final".into())
+                        })?;
+                        client.finish(body.data())?;
+                    }
                 }
                 backend::Message::ParameterStatus(body) => {
                     self.startup_params
@@ -236,7 +315,7 @@ impl ServerConn {
                 }
             }
             if !out.is_empty() {
-                self.stream.write_all(&out).await?;
+                self.write_all(&out).await?;
             }
         }
     }
@@ -252,7 +331,7 @@ impl ServerConn {
         }
     }
 
-    pub fn stream(&mut self) -> &mut TcpStream {
+    pub fn stream(&mut self) -> &mut ServerStream {
         &mut self.stream
     }
 
@@ -276,6 +355,8 @@ impl ServerConn {
 
     pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
         self.stream.write_all(bytes).await?;
+        // A TLS stream may keep the last record buffered until flushed.
+        self.stream.flush().await?;
         Ok(())
     }
 
@@ -292,7 +373,32 @@ impl ServerConn {
     /// plain write would then wait forever.
     pub async fn write_while_reading(&mut self, data: &[u8]) -> Result<(), UpstreamError> {
         reserve_for_read(&mut self.read_buf);
-        let (mut reader, mut writer) = self.stream.split();
+        match &mut self.stream {
+            MaybeTls::Plain(stream) => {
+                let (reader, writer) = stream.split();
+                write_draining(reader, writer, data, &mut self.read_buf).await
+            }
+            MaybeTls::Tls(stream) => {
+                let (reader, writer) = tokio::io::split(stream.as_mut());
+                write_draining(reader, writer, data, &mut self.read_buf).await?;
+                self.stream.flush().await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn write_draining<R, W>(
+    mut reader: R,
+    mut writer: W,
+    data: &[u8],
+    read_buf: &mut BytesMut,
+) -> Result<(), UpstreamError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    {
         let mut written = 0;
         while written < data.len() {
             tokio::select! {
@@ -304,7 +410,7 @@ impl ServerConn {
                     }
                     written += n;
                 }
-                n = reader.read_buf(&mut self.read_buf), if self.read_buf.capacity() > self.read_buf.len() => {
+                n = reader.read_buf(read_buf), if read_buf.capacity() > read_buf.len() => {
                     if n? == 0 {
                         return Err(UpstreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));
                     }
@@ -313,13 +419,26 @@ impl ServerConn {
         }
         Ok(())
     }
+}
 
+impl ServerConn {
     /// Runs a statement of pgstash's own and reads its whole answer. Only
     /// called while no client traffic is in flight on this connection.
     pub async fn run_internal(&mut self, sql: &str) -> Result<InternalResult, UpstreamError> {
+        self.run_internal_with(sql, &[]).await
+    }
+
+    /// `run_internal` with text parameters ($1, $2, …), sent apart from the
+    /// statement so they need no quoting.
+    pub async fn run_internal_with(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+    ) -> Result<InternalResult, UpstreamError> {
         // A server that never answers (one still skipping to a Sync, say)
         // must not hold its pool slot forever.
-        match tokio::time::timeout(INTERNAL_TIMEOUT, self.run_internal_unbounded(sql)).await {
+        match tokio::time::timeout(INTERNAL_TIMEOUT, self.run_internal_unbounded(sql, params)).await
+        {
             Ok(result) => result,
             Err(_) => {
                 self.broken = true;
@@ -330,9 +449,32 @@ impl ServerConn {
         }
     }
 
-    async fn run_internal_unbounded(&mut self, sql: &str) -> Result<InternalResult, UpstreamError> {
+    async fn run_internal_unbounded(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+    ) -> Result<InternalResult, UpstreamError> {
         let mut out = BytesMut::new();
-        frontend::query(sql, &mut out)?;
+        if params.is_empty() {
+            frontend::query(sql, &mut out)?;
+        } else {
+            frontend::parse("", sql, std::iter::empty(), &mut out)?;
+            frontend::bind(
+                "",
+                "",
+                std::iter::empty(),
+                params.iter(),
+                |value, buf| {
+                    buf.extend_from_slice(value.as_bytes());
+                    Ok(postgres_protocol::IsNull::No)
+                },
+                std::iter::empty(),
+                &mut out,
+            )
+            .map_err(|_| UpstreamError::Protocol("cannot encode parameters".into()))?;
+            frontend::execute("", 0, &mut out)?;
+            frontend::sync(&mut out);
+        }
         self.write_all(&out).await?;
         let mut result = InternalResult::default();
         loop {
@@ -359,9 +501,8 @@ impl ServerConn {
     /// Whether an idle connection is still open, without a round trip: an
     /// idle server sends nothing, so anything readable (an EOF, or the
     /// FATAL Postgres sends when it shuts down) means it is gone.
-    pub fn is_open(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    pub fn is_open(&mut self) -> bool {
+        self.stream.is_quiet()
     }
 
     /// Checks that an idle connection still answers.
@@ -372,8 +513,43 @@ impl ServerConn {
     pub async fn terminate(mut self) {
         let mut out = BytesMut::new();
         frontend::terminate(&mut out);
-        let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.write_all(&out)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.write_all(&out)).await;
     }
+}
+
+/// Asks Postgres for TLS (SSLRequest) and performs the handshake.
+async fn negotiate_tls(
+    mut stream: TcpStream,
+    tls: &UpstreamTls,
+    host: &str,
+    addr: &str,
+) -> Result<ServerStream, UpstreamError> {
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    stream.write_all(&request).await?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    let tls_error = |message: String| UpstreamError::Tls {
+        addr: addr.to_owned(),
+        message,
+    };
+    match answer[0] {
+        b'S' => {}
+        b'N' if tls.mode == UpstreamSslMode::Prefer => return Ok(MaybeTls::Plain(stream)),
+        b'N' => return Err(tls_error("server does not support TLS".into())),
+        other => {
+            return Err(tls_error(format!(
+                "unexpected answer {other:#x} to SSLRequest"
+            )))
+        }
+    }
+    let name = crate::tls::server_name(host).map_err(|e| tls_error(e.to_string()))?;
+    let stream = tls
+        .connector
+        .connect(name, stream)
+        .await
+        .map_err(|e| tls_error(e.to_string()))?;
+    Ok(MaybeTls::Tls(Box::new(stream)))
 }
 
 /// Room for one sizeable read. A full BytesMut would otherwise be grown

@@ -5,4 +5,4 @@ pub mod connection;
 pub mod pool;
 
 pub use connection::{ServerConn, UpstreamError};
-pub use pool::{PoolError, PoolSet, PooledConn};
+pub use pool::{Pool, PoolError, PoolSet, PooledConn};

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::connection::{ServerConn, UpstreamError};
+use super::connection::{ConnectOptions, ServerConn, UpstreamError, UpstreamSecret, UpstreamTls};
 use crate::config::{Config, PoolConfig, Target};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,11 @@ pub struct Pool {
     pub target: Target,
     /// `target` without the user: where this pool's catalog is kept.
     pub catalog_key: Target,
-    password: Option<String>,
+    /// How pgstash logs in as this pool's user: from the configuration, or
+    /// learnt from a client that proved the user's password.
+    secret: arc_swap::ArcSwapOption<UpstreamSecret>,
+    secret_configured: bool,
+    tls: Option<UpstreamTls>,
     settings: PoolConfig,
     connect_timeout: Duration,
     max_message_size: usize,
@@ -162,6 +166,17 @@ impl Pool {
         self.size.load(Ordering::Relaxed)
     }
 
+    /// Remembers how a client proved this pool's user, for logging in to
+    /// Postgres as that user when the configuration holds no password.
+    pub fn learn_secret(&self, secret: UpstreamSecret) {
+        if self.secret_configured {
+            return;
+        }
+        if self.secret.load().as_deref() != Some(&secret) {
+            self.secret.store(Some(Arc::new(secret)));
+        }
+    }
+
     pub fn circuit_is_open(&self) -> bool {
         let circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
         circuit
@@ -195,14 +210,14 @@ impl Pool {
         loop {
             self.check_circuit()?;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let result = ServerConn::connect(
-                id,
-                &self.target,
-                self.password.as_deref(),
-                self.connect_timeout,
-                self.max_message_size,
-            )
-            .await;
+            let secret = self.secret.load_full();
+            let options = ConnectOptions {
+                secret: secret.as_deref(),
+                tls: self.tls.as_ref(),
+                connect_timeout: self.connect_timeout,
+                max_message_size: self.max_message_size,
+            };
+            let result = ServerConn::connect(id, &self.target, options).await;
             match result {
                 Ok(conn) => {
                     self.record_success();
@@ -405,16 +420,25 @@ impl Default for PoolSet {
 }
 
 impl PoolSet {
-    pub fn get(&self, config: &Config, target: &Target, client_database: &str) -> Arc<Pool> {
+    pub fn get(
+        &self,
+        config: &Config,
+        target: &Target,
+        client_database: &str,
+        tls: Option<&UpstreamTls>,
+    ) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools
             .entry(target.clone())
             .or_insert_with(|| {
                 let size = config.pool_size_for(client_database, &target.user);
+                let secret = config.upstream_secret_for(&target.user);
                 Arc::new(Pool {
                     target: target.clone(),
                     catalog_key: crate::cache::catalog_key(target),
-                    password: config.password_for(&target.user),
+                    secret_configured: secret.is_some(),
+                    secret: arc_swap::ArcSwapOption::from_pointee(secret),
+                    tls: tls.cloned(),
                     settings: config.pool.clone(),
                     connect_timeout: config.upstream.connect_timeout,
                     max_message_size: config.max_message_size,

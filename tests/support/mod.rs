@@ -53,7 +53,7 @@ impl TestProxy {
         }
         let listener = listener::bind(&config).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let proxy = Proxy::new(config);
+        let proxy = Proxy::new(config).expect("proxy configuration loads");
         let shared = proxy.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
