@@ -100,3 +100,56 @@ impl AuditLog {
         }
     }
 }
+
+/// Whether a statement is audited, and as what: "privilege" (GRANT,
+/// REVOKE, REASSIGN), "role" (CREATE/ALTER/DROP ROLE, SET ROLE, SET
+/// SESSION AUTHORIZATION) or "ddl" (any other CREATE, ALTER, DROP,
+/// COMMENT, SECURITY LABEL). A string of several statements is audited if
+/// any of them is, as the first such.
+pub fn statement_kind(sql: &str) -> Option<&'static str> {
+    use sqlparser::dialect::PostgreSqlDialect;
+    use sqlparser::parser::Parser;
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        // The parser's rendering starts with the statement's keywords,
+        // whatever comments or case the client used.
+        Ok(statements) => statements
+            .iter()
+            .find_map(|statement| kind_by_keywords(&statement.to_string())),
+        Err(_) => kind_by_keywords(sql),
+    }
+}
+
+fn kind_by_keywords(sql: &str) -> Option<&'static str> {
+    let mut words = sql
+        .split_whitespace()
+        .map(|w| w.trim_end_matches(';').to_ascii_uppercase());
+    let first = words.next()?;
+    let second = words.next().unwrap_or_default();
+    match (first.as_str(), second.as_str()) {
+        ("GRANT" | "REVOKE" | "REASSIGN", _) => Some("privilege"),
+        ("CREATE" | "ALTER" | "DROP", "ROLE" | "USER" | "GROUP") => Some("role"),
+        ("SET" | "RESET", "ROLE" | "SESSION") => Some("role"),
+        ("CREATE" | "ALTER" | "DROP" | "COMMENT", _) | ("SECURITY", "LABEL") => Some("ddl"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::statement_kind;
+
+    #[test]
+    fn classifies_audited_statements() {
+        assert_eq!(statement_kind("grant select on t to bob"), Some("privilege"));
+        assert_eq!(statement_kind("CREATE ROLE x LOGIN PASSWORD 'p'"), Some("role"));
+        assert_eq!(statement_kind("set role admin"), Some("role"));
+        assert_eq!(statement_kind("CREATE TABLE t (a int)"), Some("ddl"));
+        assert_eq!(
+            statement_kind("/* x */ select 1; create temp table t (a text default 'v')"),
+            Some("ddl")
+        );
+        assert_eq!(statement_kind("create index on t (a)"), Some("ddl"));
+        assert_eq!(statement_kind("SELECT 1"), None);
+        assert_eq!(statement_kind("INSERT INTO t VALUES (1)"), None);
+    }
+}

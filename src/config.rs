@@ -108,6 +108,7 @@ pub enum AuthMethod {
     /// MD5 challenge; a user whose secret is a SCRAM verifier gets SCRAM,
     /// as in Postgres.
     Md5,
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
 }
 

@@ -288,6 +288,25 @@ impl Session {
             let text = String::from_utf8_lossy(text);
             self.slow_candidate = Some(crate::sql::fingerprint::normalized(&text));
         }
+        let audit = self.proxy.audit.load();
+        if audit.enabled() {
+            let text = String::from_utf8_lossy(text);
+            if let Some(kind) = crate::audit::statement_kind(&text) {
+                let subject = crate::audit::AuditSubject {
+                    client_addr: &self.info.addr,
+                    user: &self.info.user,
+                    database: &self.info.database,
+                };
+                let fingerprint = crate::sql::fingerprint::normalized(&text);
+                audit.record(
+                    &subject,
+                    &crate::audit::AuditEvent::Statement {
+                        kind,
+                        fingerprint: &fingerprint,
+                    },
+                );
+            }
+        }
     }
 
     fn is_between_transactions(&self) -> bool {

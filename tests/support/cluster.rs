@@ -43,6 +43,13 @@ impl Cluster {
     /// initdb and start a fresh cluster; panics (with the server log) if it
     /// does not come up.
     pub fn start() -> Cluster {
+        Self::start_with(&[], &[])
+    }
+
+    /// `start`, with files written into the data directory first (mode
+    /// 0600, owned by the server's user: certificates, keys, pg_hba.conf)
+    /// and lines appended to postgresql.conf.
+    pub fn start_with(files: &[(&str, &[u8])], settings: &[&str]) -> Cluster {
         let bindir = find_bindir();
         let run_as = server_identity();
         let dir = tempfile::Builder::new()
@@ -63,6 +70,18 @@ impl Cluster {
             dir,
         };
         cluster.initdb();
+        for (name, contents) in files {
+            cluster.write_data_file(name, contents);
+        }
+        if !settings.is_empty() {
+            let conf = cluster.data.join("postgresql.conf");
+            let mut text = std::fs::read_to_string(&conf).expect("read postgresql.conf");
+            for line in settings {
+                text.push_str(line);
+                text.push('\n');
+            }
+            std::fs::write(&conf, text).expect("write postgresql.conf");
+        }
         let mut last_failure = String::new();
         for _ in 0..PORT_ATTEMPTS {
             cluster.port = free_port();
@@ -80,6 +99,23 @@ impl Cluster {
 
     pub fn data_dir(&self) -> &Path {
         &self.data
+    }
+
+    /// Directory of the server's Unix socket (for connecting whatever
+    /// pg_hba.conf says about TCP).
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn write_data_file(&self, name: &str, contents: &[u8]) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.data.join(name);
+        std::fs::write(&path, contents).expect("write data file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod data file");
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown data file");
+        }
     }
 
     /// Fast shutdown (SIGINT): sessions are terminated, the postmaster
