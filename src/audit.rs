@@ -140,8 +140,14 @@ mod tests {
 
     #[test]
     fn classifies_audited_statements() {
-        assert_eq!(statement_kind("grant select on t to bob"), Some("privilege"));
-        assert_eq!(statement_kind("CREATE ROLE x LOGIN PASSWORD 'p'"), Some("role"));
+        assert_eq!(
+            statement_kind("grant select on t to bob"),
+            Some("privilege")
+        );
+        assert_eq!(
+            statement_kind("CREATE ROLE x LOGIN PASSWORD 'p'"),
+            Some("role")
+        );
         assert_eq!(statement_kind("set role admin"), Some("role"));
         assert_eq!(statement_kind("CREATE TABLE t (a int)"), Some("ddl"));
         assert_eq!(

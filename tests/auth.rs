@@ -196,7 +196,10 @@ async fn failures_wait_alike_and_longer_when_repeated() {
         assert_eq!(login(&proxy, &role.name, "bad").await, Err("28P01".into()));
         took.push(started.elapsed());
     }
-    assert!(took[2] >= delay * 4, "third failure answered after {took:?}");
+    assert!(
+        took[2] >= delay * 4,
+        "third failure answered after {took:?}"
+    );
     // A success clears the address's record.
     assert_eq!(login(&proxy, &role.name, "pw").await, Ok(role.name.clone()));
     let started = Instant::now();
@@ -212,10 +215,7 @@ async fn pgbouncer_auth_file_with_plain_md5_and_scram_secrets() {
     let hashed = Role::create("file_md5").await;
     let scram = Role::create("file_scram").await;
     let verifier = scram.scram_verifier("scram pw").await;
-    let md5 = format!(
-        "md5{:x}",
-        md5::compute(format!("md5 pw{}", hashed.name))
-    );
+    let md5 = format!("md5{:x}", md5::compute(format!("md5 pw{}", hashed.name)));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("userlist.txt");
     std::fs::write(
@@ -372,7 +372,10 @@ async fn cancels_reach_only_the_query_of_their_own_client() {
     idle.cancel_token().cancel_query(NoTls).await.unwrap();
     send_cancel(proxy.addr, 12345, 67890).await;
     let (busy, result) = running.await.unwrap();
-    assert!(result.is_ok(), "another client's cancel reached: {result:?}");
+    assert!(
+        result.is_ok(),
+        "another client's cancel reached: {result:?}"
+    );
 
     // The busy client's own key cancels its query at once.
     let marker = support::unique("cancel_marker");
@@ -536,7 +539,10 @@ async fn malformed_handshakes_get_clean_errors() {
 
     // A client that walks away mid-handshake leaves nothing behind.
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream.write_all(&startup_message(&role.name)).await.unwrap();
+    stream
+        .write_all(&startup_message(&role.name))
+        .await
+        .unwrap();
     assert_eq!(read_message(&mut stream).await.0, b'R');
     drop(stream);
 
@@ -557,7 +563,10 @@ async fn audit_log_records_logins_and_privileged_statements() {
         role.name
     ))
     .await;
-    assert_eq!(login(&proxy, &role.name, "wrong").await, Err("28P01".into()));
+    assert_eq!(
+        login(&proxy, &role.name, "wrong").await,
+        Err("28P01".into())
+    );
     let (client, connection) = tokio_postgres::connect(
         &format!(
             "host=127.0.0.1 port={} user={} password=pw dbname=postgres",
@@ -590,14 +599,20 @@ async fn audit_log_records_logins_and_privileged_statements() {
     assert_eq!(logins[1]["outcome"], "success");
     assert_eq!(logins[1]["method"], "scram-sha-256");
     assert_eq!(logins[1]["user"], role.name.as_str());
-    assert!(logins[1]["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(logins[1]["client_addr"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
     let statements: Vec<&serde_json::Value> =
         lines.iter().filter(|l| l["event"] == "statement").collect();
     assert_eq!(statements.len(), 1, "{text}");
     assert_eq!(statements[0]["kind"], "ddl");
     let fingerprint = statements[0]["fingerprint"].as_str().unwrap();
     assert!(fingerprint.contains(&table), "{fingerprint}");
-    assert!(!text.contains("secret value"), "a literal reached the audit log");
+    assert!(
+        !text.contains("secret value"),
+        "a literal reached the audit log"
+    );
     assert!(!text.contains("\"pw\""));
     role.drop().await;
 }

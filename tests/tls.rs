@@ -460,7 +460,7 @@ async fn upstream_verify_full() {
     let pki = Pki::generate();
     // Postgres lets TCP clients in only over TLS, so a query that works
     // through pgstash proves the upstream connection is encrypted.
-    let files = vec![
+    let files = [
         ("server.crt", read(&pki.cert)),
         ("server.key", read(&pki.key)),
         (

@@ -21,6 +21,8 @@
 //! | `pgstash_bus_messages_total` | counter | `direction` = sent, received |
 //! | `pgstash_bus_delay_seconds` | histogram | |
 //! | `pgstash_clients` | gauge | |
+//! | `pgstash_auth_total` | counter | `outcome` = success, failure |
+//! | `pgstash_cancel_requests_total` | counter | `outcome` = relayed, idle, unmatched |
 //! | `pgstash_server_connections` | gauge | `state` = active, idle |
 
 use std::sync::OnceLock;
@@ -87,6 +89,14 @@ pub fn get() -> &'static Metrics {
             upstream_duration: histogram!("pgstash_upstream_duration_seconds"),
         }
     })
+}
+
+pub fn login(outcome: &'static str) {
+    counter!("pgstash_auth_total", "outcome" => outcome).increment(1);
+}
+
+pub fn cancel_request(outcome: &'static str) {
+    counter!("pgstash_cancel_requests_total", "outcome" => outcome).increment(1);
 }
 
 pub fn tier_hit(tier: &'static str) {

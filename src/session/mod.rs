@@ -361,7 +361,7 @@ impl Session {
         self.info
             .attached
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        *self.cancel_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(cancel::ServerCancel {
+        self.cancel_slot.attach(cancel::ServerCancel {
             addr: conn.cancel_addr.clone(),
             pid: conn.cancel_key.0,
             secret: conn.cancel_key.1,
@@ -381,7 +381,11 @@ impl Session {
         self.info
             .attached
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        *self.cancel_slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if self.cancel_slot.detach() {
+            if let Some(server) = self.server.as_mut() {
+                server.broken = true;
+            }
+        }
         self.server = None;
     }
 

@@ -239,6 +239,11 @@ async fn log_in(
         tls,
     };
     let result = crate::auth::authenticate(stream, buf, &request).await;
+    match &result {
+        Ok(_) => crate::admin::metrics::login("success"),
+        Err(LoginError::Refused { .. }) => crate::admin::metrics::login("failure"),
+        Err(LoginError::Io(_)) => {}
+    }
     let audit = proxy.audit.load();
     if audit.enabled() && !matches!(result, Err(LoginError::Io(_))) {
         let client_addr = peer.to_string();
@@ -391,10 +396,7 @@ async fn start_session(
         copy_in: false,
     };
     if mode == PoolMode::Session {
-        *session
-            .cancel_slot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(super::cancel::ServerCancel {
+        session.cancel_slot.attach(super::cancel::ServerCancel {
             addr: server.cancel_addr.clone(),
             pid: server.cancel_key.0,
             secret: server.cancel_key.1,
