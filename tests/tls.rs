@@ -513,3 +513,108 @@ async fn upstream_verify_full() {
     assert_eq!(sqlstate(&error).as_deref(), Some("08001"), "{error:?}");
     proxy.stop().await;
 }
+
+/// Copies `pki`'s certificate and key over the files pgstash serves.
+fn install(pki: &Pki, cert: &Path, key: &Path) {
+    std::fs::write(cert, read(&pki.cert)).expect("write live certificate");
+    std::fs::write(key, read(&pki.key)).expect("write live key");
+}
+
+/// psql's conninfo for `proxy` checking the certificate against `ca`.
+fn verify_full(proxy: &TestProxy, ca: &Path) -> String {
+    format!(
+        "host=localhost port={} user=postgres dbname=postgres \
+         sslmode=verify-full sslrootcert={}",
+        proxy.addr.port(),
+        ca.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_reloads_without_restart() {
+    let first = Pki::generate();
+    let second = Pki::generate();
+    let dir = tempfile::Builder::new()
+        .prefix("pgstash-reload-")
+        .tempdir()
+        .expect("create config directory");
+    let cert = dir.path().join("live.pem");
+    let key = dir.path().join("live.key");
+    install(&first, &cert, &key);
+
+    // RELOAD reads the configuration from its file, so the file must hold
+    // all of it, not just the [tls] section.
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n\n\
+         [upstream]\nhost = \"{}\"\nport = {}\n\n\
+         [tls]\nmode = \"require\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        support::pg_host(),
+        support::pg_port(),
+        cert.display(),
+        key.display()
+    );
+    let path = dir.path().join("pgstash.toml");
+    std::fs::write(&path, &text).expect("write config file");
+    let config = pgstash::config::Config::from_toml_and_env(&text, &[]).expect("config");
+    let proxy = TestProxy::start_with(config).await;
+    proxy
+        .proxy
+        .config_path
+        .set(path)
+        .expect("config path set once");
+
+    let before = psql(verify_full(&proxy, &first.ca), None, "select 1").await;
+    assert_eq!(stdout_of(&before), "1");
+
+    // Renewal as certbot and friends do it: new files at the same paths,
+    // then a reload; no restart, no dropped listener.
+    install(&second, &cert, &key);
+    let reloaded = pgstash::admin::console::reload(&proxy.proxy);
+    assert!(reloaded.is_ok(), "reload: {reloaded:?}");
+
+    let renewed = psql(verify_full(&proxy, &second.ca), None, "select 1").await;
+    assert_eq!(stdout_of(&renewed), "1");
+    // Both test CAs are named alike, so OpenSSL takes the old CA for the
+    // new certificate's issuer and reports a bad signature ("EVP lib")
+    // rather than an unknown issuer; either way the handshake fails.
+    let stale = psql(verify_full(&proxy, &first.ca), None, "select 1").await;
+    let stderr = stderr_of(&stale);
+    assert!(stderr.contains("SSL error"), "{stderr}");
+
+    // A half-written or broken file must not take TLS down: the reload
+    // fails and the certificate loaded before stays in service.
+    std::fs::write(&cert, "not a certificate\n").expect("write garbage");
+    let broken = pgstash::admin::console::reload(&proxy.proxy);
+    let error = broken.expect_err("reload accepted a broken certificate");
+    assert!(error.contains("live.pem"), "{error}");
+
+    let kept = psql(verify_full(&proxy, &second.ca), None, "select 1").await;
+    assert_eq!(stdout_of(&kept), "1");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_mode_serves_plaintext_and_tls_alike() {
+    let pki = Pki::generate();
+    let proxy = TestProxy::start(&client_tls("allow", &pki)).await;
+    let plaintext = format!(
+        "host=localhost port={} user=postgres dbname=postgres sslmode=disable",
+        proxy.addr.port()
+    );
+    let encrypted = verify_full(&proxy, &pki.ca);
+
+    for conninfo in [&plaintext, &encrypted] {
+        let output = psql(conninfo.clone(), None, "select 1").await;
+        assert_eq!(stdout_of(&output), "1", "{conninfo}");
+    }
+
+    // \conninfo reports what libpq negotiated, so it tells the two apart
+    // from the client's side (pg_stat_ssl would describe the upstream
+    // connection, not this one).
+    let output = psql(plaintext, None, "\\conninfo").await;
+    let conninfo = stdout_of(&output);
+    assert!(!conninfo.contains("SSL connection"), "{conninfo}");
+    let output = psql(encrypted, None, "\\conninfo").await;
+    let conninfo = stdout_of(&output);
+    assert!(conninfo.contains("SSL connection"), "{conninfo}");
+}
