@@ -25,15 +25,16 @@ async fn scalar(client: &Client, sql: &str) -> String {
         .unwrap_or_default()
 }
 
-fn fills(proxy: &TestProxy) -> u64 {
-    proxy
-        .proxy
-        .cache
+/// Fills stored in both tiers: Redis's part is written behind, so both
+/// counters must have moved.
+fn fills(proxy: &TestProxy) -> (u64, u64) {
+    let cache = proxy.proxy.cache.as_ref().expect("cache on");
+    let local = cache.stats.fills.load(Ordering::Relaxed);
+    let redis = cache
+        .shared
         .as_ref()
-        .expect("cache on")
-        .stats
-        .fills
-        .load(Ordering::Relaxed)
+        .map_or(0, |s| s.stats.stored.load(Ordering::Relaxed));
+    (local, redis)
 }
 
 /// Runs `sql` through `client` and waits until its fill is stored in both
@@ -42,7 +43,8 @@ async fn read_and_wait_for_fill(proxy: &TestProxy, client: &Client, sql: &str) -
     let before = fills(proxy);
     let value = scalar(client, sql).await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while fills(proxy) == before {
+    let stored = |now: (u64, u64)| now.0 > before.0 && now.1 > before.1;
+    while !stored(fills(proxy)) {
         assert!(
             Instant::now() < deadline,
             "the fill of {sql} was never stored"

@@ -252,6 +252,16 @@ impl Cache {
             drop(leader);
             return;
         };
+        // While the bus delivers every bump, the local mirror of the
+        // generations is as good as Redis's (the entry's key carries its
+        // generations, so a bump still in flight makes it unreachable).
+        if shared.bus_fresh() && self.generations.is_current(&snapshot) {
+            shared.put(key, &snapshot, &stored, ttl);
+            self.local.insert(key, entry(snapshot, stored, ttl));
+            self.stats.fill(true);
+            drop(leader);
+            return;
+        }
         let cache = self.clone();
         tokio::spawn(async move {
             let mut keys = vec![generations::EPOCH];
@@ -270,9 +280,8 @@ impl Cache {
                 cache.stats.fill(false);
                 return;
             }
-            let _ = shared.put(key, &snapshot, &stored, ttl).await;
+            shared.put(key, &snapshot, &stored, ttl);
             cache.local.insert(key, entry(snapshot, stored, ttl));
-            // Counted once the entry is in both tiers.
             cache.stats.fill(true);
             drop(leader);
         });

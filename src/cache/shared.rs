@@ -102,6 +102,8 @@ pub struct SharedStats {
     pub corrupt: AtomicU64,
     pub bumps_sent: AtomicU64,
     pub bumps_received: AtomicU64,
+    /// Results written to Redis (counted when Redis acknowledged them).
+    pub stored: AtomicU64,
 }
 
 pub struct SharedTier {
@@ -117,7 +119,23 @@ pub struct SharedTier {
     /// When anything last arrived on the bus (µs since the epoch).
     last_heard: AtomicU64,
     pub stats: SharedStats,
+    /// Stores waiting for the write-behind task, which sends them in
+    /// batches: a fill's client never waits for Redis, and many fills cost
+    /// one round trip.
+    pending_puts: Option<tokio::sync::mpsc::Sender<PendingPut>>,
 }
+
+/// One SET waiting to be sent.
+struct PendingPut {
+    key: String,
+    value: Bytes,
+    millis: u64,
+}
+
+/// Stores queued beyond this are dropped (a lost store is only a miss for
+/// another instance later).
+const PENDING_PUTS: usize = 4096;
+const PUT_BATCH: usize = 64;
 
 impl SharedTier {
     pub fn new(config: RedisConfig) -> Arc<SharedTier> {
@@ -127,7 +145,10 @@ impl SharedTier {
             .map(|u| u.trim().to_owned())
             .filter(|u| !u.is_empty())
             .collect();
-        Arc::new(SharedTier {
+        let (sender, receiver) = tokio::sync::mpsc::channel(PENDING_PUTS);
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let tier = Arc::new(SharedTier {
+            pending_puts: runtime.is_some().then_some(sender),
             config,
             urls,
             connection: Mutex::new(None),
@@ -137,7 +158,11 @@ impl SharedTier {
             bus_healthy: AtomicBool::new(false),
             last_heard: AtomicU64::new(0),
             stats: SharedStats::default(),
-        })
+        });
+        if let Some(runtime) = runtime {
+            runtime.spawn(write_behind(Arc::downgrade(&tier), receiver));
+        }
+        tier
     }
 
     pub fn config(&self) -> &RedisConfig {
@@ -451,23 +476,80 @@ impl SharedTier {
         }
     }
 
-    pub async fn put(
-        &self,
-        key: u128,
-        snapshot: &Snapshot,
-        stored: &StoredResult,
-        ttl: Duration,
-    ) -> Result<(), SharedError> {
-        let redis_key = self.entry_key(key, snapshot);
-        let millis = ttl.as_millis().max(1) as u64;
-        self.run::<()>(
-            redis::cmd("SET")
-                .arg(&redis_key)
-                .arg(stored.encode().as_ref())
-                .arg("PX")
-                .arg(millis),
-        )
-        .await
+    /// Stores a result under the generations it was filled with; sent by
+    /// the write-behind task.
+    pub fn put(&self, key: u128, snapshot: &Snapshot, stored: &StoredResult, ttl: Duration) {
+        let put = PendingPut {
+            key: self.entry_key(key, snapshot),
+            value: stored.encode(),
+            millis: ttl.as_millis().max(1) as u64,
+        };
+        if let Some(sender) = &self.pending_puts {
+            if sender.try_send(put).is_err() {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sends a batch of stores: one pipeline on a single Redis, one
+    /// command each (concurrently) on a cluster, where a batch's keys lie
+    /// in many slots.
+    async fn put_batch(&self, batch: &mut Vec<PendingPut>) {
+        let Ok(mut conn) = self.connection().await else {
+            batch.clear();
+            return;
+        };
+        let count = batch.len() as u64;
+        let started = Instant::now();
+        let result = match &mut conn {
+            Connection::Single(single) => {
+                let mut pipe = redis::pipe();
+                for put in batch.drain(..) {
+                    pipe.cmd("SET")
+                        .arg(put.key)
+                        .arg(put.value.as_ref())
+                        .arg("PX")
+                        .arg(put.millis)
+                        .ignore();
+                }
+                tokio::time::timeout(self.config.timeout * 4, pipe.query_async::<()>(single)).await
+            }
+            Connection::Cluster(cluster) => {
+                let sets = batch.drain(..).map(|put| {
+                    let mut cluster = cluster.clone();
+                    async move {
+                        redis::cmd("SET")
+                            .arg(put.key)
+                            .arg(put.value.as_ref())
+                            .arg("PX")
+                            .arg(put.millis)
+                            .query_async::<()>(&mut cluster)
+                            .await
+                    }
+                });
+                tokio::time::timeout(
+                    self.config.timeout * 4,
+                    futures_util::future::join_all(sets),
+                )
+                .await
+                .map(|results| results.into_iter().collect::<RedisResult<()>>())
+            }
+        };
+        crate::admin::metrics::redis_latency(started.elapsed());
+        if self.finish(result).is_ok() {
+            self.stats.stored.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn write_behind(
+    tier: std::sync::Weak<SharedTier>,
+    mut pending: tokio::sync::mpsc::Receiver<PendingPut>,
+) {
+    let mut batch = Vec::with_capacity(PUT_BATCH);
+    while pending.recv_many(&mut batch, PUT_BATCH).await > 0 {
+        let Some(tier) = tier.upgrade() else { return };
+        tier.put_batch(&mut batch).await;
     }
 }
 
