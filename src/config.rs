@@ -415,6 +415,9 @@ pub struct RedisConfig {
     /// leave it serving results another pgstash has invalidated.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// Entries announced on the bus that this instance remembers, so that
+    /// a lookup of an entry nobody stored skips Redis; 0 always asks.
+    pub presence_capacity: u64,
 }
 
 impl Default for RedisConfig {
@@ -432,6 +435,7 @@ impl Default for RedisConfig {
             on_failure: "pass-through".into(),
             degraded_ttl: Duration::from_secs(1),
             heartbeat: Duration::from_millis(50),
+            presence_capacity: 500_000,
         }
     }
 }

@@ -123,6 +123,64 @@ async fn assert_two_instances_share(url: &str, extra: &str) -> (TestProxy, TestP
     (a, b)
 }
 
+/// Waits until `counter` of B's shared-tier stats moves past `before`.
+async fn wait_for_stat(
+    proxy: &TestProxy,
+    what: &str,
+    counter: fn(&SharedTier) -> u64,
+    before: u64,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter(shared(proxy)) <= before {
+        assert!(Instant::now() < deadline, "{what} never happened");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_skip_redis_for_entries_nobody_announced() {
+    // Entries live 3 s, so after 3 s on the bus an instance has heard of
+    // every entry in Redis and stops asking Redis for the others.
+    let prefix = unique("pgstash_test");
+    let extra = "[cache]\ndefault_ttl = \"3s\"";
+    let a = start_with_redis("redis://127.0.0.1:6379", &prefix, extra).await;
+    let b = start_with_redis("redis://127.0.0.1:6379", &prefix, extra).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !shared(&b).presence.surely_absent(u128::MAX) {
+        assert!(Instant::now() < deadline, "B never finished warming up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = unique("presence");
+    let direct = support::direct("test").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (7)"
+        ))
+        .await
+        .unwrap();
+    let (ca, cb) = (a.connect("test").await, b.connect("test").await);
+
+    // Nobody stored this one: B goes to Postgres without asking Redis.
+    let skipped = |s: &SharedTier| s.stats.skipped.load(Ordering::Relaxed);
+    let before = skipped(shared(&b));
+    assert_eq!(scalar(&cb, &format!("SELECT v + 1 FROM {t}")).await, "8");
+    assert_eq!(skipped(shared(&b)), before + 1);
+
+    // A stores and announces; once B has heard, B asks Redis and hits.
+    let announced = |s: &SharedTier| s.stats.announced.load(Ordering::Relaxed);
+    let heard = announced(shared(&b));
+    let sql = format!("SELECT v FROM {t}");
+    assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "7");
+    wait_for_stat(&b, "the announcement of A's fill", announced, heard).await;
+    let hits = shared(&b).stats.hits.load(Ordering::Relaxed);
+    assert_eq!(scalar(&cb, &sql).await, "7");
+    assert_eq!(shared(&b).stats.hits.load(Ordering::Relaxed), hits + 1);
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_through_one_pgstash_is_a_redis_hit_through_another() {
     let prefix = unique("pgstash_test");

@@ -476,6 +476,8 @@ fn show_cache(proxy: &Proxy) -> Table {
             add("redis_misses", get(&r.misses).to_string());
             add("redis_errors", get(&r.errors).to_string());
             add("redis_corrupt", get(&r.corrupt).to_string());
+            add("redis_stored", get(&r.stored).to_string());
+            add("redis_lookups_skipped", get(&r.skipped).to_string());
             add(
                 "redis_circuit",
                 if shared.circuit_open() {

@@ -39,6 +39,7 @@ pub fn spawn(shared: Arc<SharedTier>, generations: Weak<Generations>) {
                 }
             }
             shared.bus_healthy.store(false, Ordering::SeqCst);
+            shared.presence.lost();
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
@@ -57,18 +58,24 @@ async fn subscribe_and_follow(
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
     pubsub
-        .subscribe(shared.channel())
+        .subscribe(&[shared.channel(), shared.fills_channel()])
         .await
         .map_err(|e| e.to_string())?;
     resync(shared, generations).await?;
     shared.heard_now();
     shared.bus_healthy.store(true, Ordering::SeqCst);
+    shared.presence.subscribed();
+    let fills_channel = shared.fills_channel();
     tracing::info!("invalidation bus subscribed");
     let mut messages = pubsub.on_message();
     while let Some(message) = messages.next().await {
         let Some(generations) = generations.upgrade() else {
             return Ok(());
         };
+        if message.get_channel_name() == fills_channel {
+            shared.on_announcement(message.get_payload_bytes());
+            continue;
+        }
         let Ok(text) = message.get_payload::<String>() else {
             shared.heard_now();
             continue;

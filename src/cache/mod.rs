@@ -13,6 +13,7 @@ pub mod generations;
 pub mod key;
 pub mod local;
 pub mod policy;
+pub mod presence;
 pub mod shapes;
 pub mod shared;
 
@@ -137,6 +138,15 @@ impl Cache {
         }
         let shared = (!redis.url.is_empty()).then(|| SharedTier::new(redis));
         if let Some(shared) = &shared {
+            // Entries stored before this instance listened live at most
+            // this long; hints may ask for longer, and such entries are
+            // then only found by instances that heard of them.
+            let longest_ttl = config
+                .rules
+                .iter()
+                .filter_map(|r| r.ttl)
+                .fold(config.default_ttl, std::cmp::max);
+            shared.presence.set_warmup(longest_ttl);
             bus::spawn(shared.clone(), Arc::downgrade(&generations));
         }
         Cache {

@@ -17,6 +17,7 @@ use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Valu
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::generations::Snapshot;
+use super::presence::Presence;
 use crate::config::RedisConfig;
 
 /// INCR every generation key and announce the new values, in one round
@@ -104,6 +105,10 @@ pub struct SharedStats {
     pub bumps_received: AtomicU64,
     /// Results written to Redis (counted when Redis acknowledged them).
     pub stored: AtomicU64,
+    /// Lookups that skipped Redis: no instance had announced the entry.
+    pub skipped: AtomicU64,
+    /// Entries other instances announced.
+    pub announced: AtomicU64,
 }
 
 pub struct SharedTier {
@@ -123,13 +128,18 @@ pub struct SharedTier {
     /// batches: a fill's client never waits for Redis, and many fills cost
     /// one round trip.
     pending_puts: Option<tokio::sync::mpsc::Sender<PendingPut>>,
+    /// Entries known to be in Redis (announced on the bus).
+    pub presence: Presence,
+    /// Tells this instance's announcements from the others'.
+    instance: [u8; 8],
 }
 
 /// One SET waiting to be sent.
 struct PendingPut {
     key: String,
     value: Bytes,
-    millis: u64,
+    id: u128,
+    ttl: Duration,
 }
 
 /// Stores queued beyond this are dropped (a lost store is only a miss for
@@ -149,6 +159,8 @@ impl SharedTier {
         let runtime = tokio::runtime::Handle::try_current().ok();
         let tier = Arc::new(SharedTier {
             pending_puts: runtime.is_some().then_some(sender),
+            presence: Presence::new(config.presence_capacity),
+            instance: rand::random(),
             config,
             urls,
             connection: Mutex::new(None),
@@ -226,6 +238,25 @@ impl SharedTier {
         self.run::<i64>(redis::cmd("PUBLISH").arg(self.channel()).arg("hb"))
             .await
             .map(|_| ())
+    }
+
+    /// Where stored entries are announced.
+    pub fn fills_channel(&self) -> String {
+        format!("{}fills", self.config.prefix)
+    }
+
+    /// Takes an announcement from the bus (other instances' only: this
+    /// one's entries are recorded as they are queued).
+    pub fn on_announcement(&self, payload: &[u8]) {
+        if payload.starts_with(&self.instance) {
+            return;
+        }
+        if let Some(records) = payload.get(self.instance.len()..) {
+            let count = self.presence.record_announcement(records);
+            self.stats
+                .announced
+                .fetch_add(count as u64, Ordering::Relaxed);
+        }
     }
 
     pub fn channel(&self) -> String {
@@ -435,18 +466,16 @@ impl SharedTier {
     /// Where a result filled under `snapshot` lives in Redis: a bump of any
     /// generation in it makes the key unreachable.
     pub fn entry_key(&self, key: u128, snapshot: &Snapshot) -> String {
-        let mut generations = Vec::with_capacity(8 + 12 * snapshot.tables.len());
-        generations.extend_from_slice(&snapshot.database.to_be_bytes());
-        generations.extend_from_slice(&snapshot.epoch.to_be_bytes());
-        for (t, g) in snapshot.tables.iter() {
-            generations.extend_from_slice(&t.to_be_bytes());
-            generations.extend_from_slice(&g.to_be_bytes());
-        }
         format!(
             "{}r:{key:032x}:{:016x}",
             self.config.prefix,
-            xxh3_64(&generations)
+            generations_hash(snapshot)
         )
+    }
+
+    /// The entry's identity in announcements: its key and generations.
+    pub fn entry_id(key: u128, snapshot: &Snapshot) -> u128 {
+        key ^ u128::from(generations_hash(snapshot))
     }
 
     pub async fn get(
@@ -454,6 +483,10 @@ impl SharedTier {
         key: u128,
         snapshot: &Snapshot,
     ) -> Result<Option<(StoredResult, Duration)>, SharedError> {
+        if self.bus_fresh() && self.presence.surely_absent(Self::entry_id(key, snapshot)) {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
         let redis_key = self.entry_key(key, snapshot);
         let value: Option<Vec<u8>> = self.run(redis::cmd("GET").arg(&redis_key)).await?;
         let Some(value) = value else {
@@ -479,10 +512,13 @@ impl SharedTier {
     /// Stores a result under the generations it was filled with; sent by
     /// the write-behind task.
     pub fn put(&self, key: u128, snapshot: &Snapshot, stored: &StoredResult, ttl: Duration) {
+        let id = Self::entry_id(key, snapshot);
+        self.presence.insert(id, ttl);
         let put = PendingPut {
             key: self.entry_key(key, snapshot),
             value: stored.encode(),
-            millis: ttl.as_millis().max(1) as u64,
+            id,
+            ttl,
         };
         if let Some(sender) = &self.pending_puts {
             if sender.try_send(put).is_err() {
@@ -500,39 +536,45 @@ impl SharedTier {
             return;
         };
         let count = batch.len() as u64;
+        // Announced after the stores, so whoever hears of an entry finds it.
+        let records: Vec<(u128, Duration)> = batch.iter().map(|p| (p.id, p.ttl)).collect();
+        let mut announcement = self.instance.to_vec();
+        announcement.extend_from_slice(&Presence::encode(&records));
+        let set = |put: PendingPut| {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(put.key)
+                .arg(put.value.as_ref())
+                .arg("PX")
+                .arg(put.ttl.as_millis().max(1) as u64);
+            cmd
+        };
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.fills_channel()).arg(announcement);
         let started = Instant::now();
         let result = match &mut conn {
             Connection::Single(single) => {
                 let mut pipe = redis::pipe();
                 for put in batch.drain(..) {
-                    pipe.cmd("SET")
-                        .arg(put.key)
-                        .arg(put.value.as_ref())
-                        .arg("PX")
-                        .arg(put.millis)
-                        .ignore();
+                    pipe.add_command(set(put)).ignore();
                 }
+                pipe.add_command(publish).ignore();
                 tokio::time::timeout(self.config.timeout * 4, pipe.query_async::<()>(single)).await
             }
             Connection::Cluster(cluster) => {
+                let template = cluster.clone();
                 let sets = batch.drain(..).map(|put| {
-                    let mut cluster = cluster.clone();
-                    async move {
-                        redis::cmd("SET")
-                            .arg(put.key)
-                            .arg(put.value.as_ref())
-                            .arg("PX")
-                            .arg(put.millis)
-                            .query_async::<()>(&mut cluster)
-                            .await
-                    }
+                    let mut cluster = template.clone();
+                    let cmd = set(put);
+                    async move { cmd.query_async::<()>(&mut cluster).await }
                 });
-                tokio::time::timeout(
-                    self.config.timeout * 4,
-                    futures_util::future::join_all(sets),
-                )
-                .await
-                .map(|results| results.into_iter().collect::<RedisResult<()>>())
+                let stored_then_announced = async {
+                    futures_util::future::join_all(sets)
+                        .await
+                        .into_iter()
+                        .collect::<RedisResult<()>>()?;
+                    publish.query_async::<()>(cluster).await
+                };
+                tokio::time::timeout(self.config.timeout * 4, stored_then_announced).await
             }
         };
         crate::admin::metrics::redis_latency(started.elapsed());
@@ -551,6 +593,18 @@ async fn write_behind(
         let Some(tier) = tier.upgrade() else { return };
         tier.put_batch(&mut batch).await;
     }
+}
+
+/// A stable hash of the generations an entry was filled under.
+fn generations_hash(snapshot: &Snapshot) -> u64 {
+    let mut generations = Vec::with_capacity(12 + 12 * snapshot.tables.len());
+    generations.extend_from_slice(&snapshot.database.to_be_bytes());
+    generations.extend_from_slice(&snapshot.epoch.to_be_bytes());
+    for (t, g) in snapshot.tables.iter() {
+        generations.extend_from_slice(&t.to_be_bytes());
+        generations.extend_from_slice(&g.to_be_bytes());
+    }
+    xxh3_64(&generations)
 }
 
 fn now_micros() -> u64 {
