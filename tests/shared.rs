@@ -123,6 +123,16 @@ async fn assert_two_instances_share(url: &str, extra: &str) -> (TestProxy, TestP
     (a, b)
 }
 
+/// Waits until an instance knows every entry in Redis (after its scan, or
+/// once entries from before it listened have expired).
+async fn wait_until_warm(proxy: &TestProxy) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !shared(proxy).presence.surely_absent(u128::MAX) {
+        assert!(Instant::now() < deadline, "never finished warming up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until `counter` of B's shared-tier stats moves past `before`.
 async fn wait_for_stat(
     proxy: &TestProxy,
@@ -139,17 +149,14 @@ async fn wait_for_stat(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookups_skip_redis_for_entries_nobody_announced() {
-    // Entries live 3 s, so after 3 s on the bus an instance has heard of
-    // every entry in Redis and stops asking Redis for the others.
+    // Once an instance has scanned Redis (or listened for as long as
+    // entries live), it knows every entry there and stops asking Redis for
+    // the others.
     let prefix = unique("pgstash_test");
-    let extra = "[cache]\ndefault_ttl = \"3s\"";
+    let extra = "[cache]\ndefault_ttl = \"1h\"";
     let a = start_with_redis("redis://127.0.0.1:6379", &prefix, extra).await;
     let b = start_with_redis("redis://127.0.0.1:6379", &prefix, extra).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !shared(&b).presence.surely_absent(u128::MAX) {
-        assert!(Instant::now() < deadline, "B never finished warming up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_warm(&b).await;
     let t = unique("presence");
     let direct = support::direct("test").await;
     direct
@@ -175,6 +182,13 @@ async fn lookups_skip_redis_for_entries_nobody_announced() {
     let hits = shared(&b).stats.hits.load(Ordering::Relaxed);
     assert_eq!(scalar(&cb, &sql).await, "7");
     assert_eq!(shared(&b).stats.hits.load(Ordering::Relaxed), hits + 1);
+
+    // An instance started later learns of the entry by scanning Redis.
+    let c = start_with_redis("redis://127.0.0.1:6379", &prefix, extra).await;
+    wait_until_warm(&c).await;
+    let cc = c.connect("test").await;
+    assert_eq!(scalar(&cc, &sql).await, "7");
+    assert_eq!(shared(&c).stats.hits.load(Ordering::Relaxed), 1);
     direct
         .batch_execute(&format!("DROP TABLE {t}"))
         .await

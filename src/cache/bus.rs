@@ -47,7 +47,7 @@ pub fn spawn(shared: Arc<SharedTier>, generations: Weak<Generations>) {
 }
 
 async fn subscribe_and_follow(
-    shared: &SharedTier,
+    shared: &Arc<SharedTier>,
     generations: &Weak<Generations>,
 ) -> Result<(), String> {
     let url = shared.bus_url().await.map_err(|e| e.to_string())?;
@@ -64,7 +64,8 @@ async fn subscribe_and_follow(
     resync(shared, generations).await?;
     shared.heard_now();
     shared.bus_healthy.store(true, Ordering::SeqCst);
-    shared.presence.subscribed();
+    let subscription = shared.presence.subscribed();
+    scan_presence_in_background(shared, subscription);
     let fills_channel = shared.fills_channel();
     tracing::info!("invalidation bus subscribed");
     let mut messages = pubsub.on_message();
@@ -95,6 +96,19 @@ async fn subscribe_and_follow(
         crate::admin::metrics::bus_delay(Duration::from_micros(now.saturating_sub(sent_at) as u64));
     }
     Err("subscription closed".into())
+}
+
+/// Learns what is in Redis already, beside following the bus (whose
+/// heartbeats must keep being read meanwhile).
+fn scan_presence_in_background(shared: &Arc<SharedTier>, subscription: u64) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        match shared.scan_presence().await {
+            Ok(true) => shared.presence.scanned(subscription),
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "scanning redis for stored entries failed"),
+        }
+    });
 }
 
 /// Re-reads every generation held locally from Redis.

@@ -40,6 +40,9 @@ pub struct Presence {
     /// down.
     complete_from: Mutex<Option<Instant>>,
     warmup: Mutex<Duration>,
+    /// Counts subscriptions, so a scan of Redis finishing after the bus
+    /// was lost and regained does not vouch for the new subscription.
+    subscriptions: std::sync::atomic::AtomicU64,
 }
 
 impl Presence {
@@ -52,6 +55,7 @@ impl Presence {
             capacity,
             complete_from: Mutex::new(None),
             warmup: Mutex::new(Duration::from_secs(3600)),
+            subscriptions: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -60,16 +64,41 @@ impl Presence {
         *self.warmup.lock().unwrap_or_else(|e| e.into_inner()) = warmup;
     }
 
+    pub fn warmup(&self) -> Duration {
+        *self.warmup.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn insert(&self, id: u128, ttl: Duration) {
         let millis = u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX).max(1);
         self.ids.insert(id, millis);
     }
 
-    /// The subscription is (again) receiving announcements.
-    pub fn subscribed(&self) {
+    /// The subscription is (again) receiving announcements; returns its
+    /// number for `scanned`.
+    pub fn subscribed(&self) -> u64 {
         let warmup = *self.warmup.lock().unwrap_or_else(|e| e.into_inner());
         *self.complete_from.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(Instant::now() + warmup);
+        self.subscriptions
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+
+    /// Every entry that was in Redis when subscription number
+    /// `subscription` started has been recorded (by scanning Redis): the
+    /// set is complete without waiting for old entries to expire.
+    pub fn scanned(&self, subscription: u64) {
+        let mut complete_from = self.complete_from.lock().unwrap_or_else(|e| e.into_inner());
+        if complete_from.is_some()
+            && self.subscriptions.load(std::sync::atomic::Ordering::SeqCst) == subscription
+        {
+            *complete_from = Some(Instant::now());
+        }
+    }
+
+    /// Room left before the set stops being trustworthy.
+    pub fn has_room_for(&self, more: u64) -> bool {
+        self.ids.entry_count() + more < self.capacity / 10 * 9
     }
 
     /// The subscription is down: announcements may be missed.
@@ -136,7 +165,15 @@ mod tests {
         presence.lost();
         assert!(!presence.surely_absent(2));
         presence.set_warmup(Duration::from_secs(60));
-        presence.subscribed();
+        let first = presence.subscribed();
         assert!(!presence.surely_absent(2), "still warming up");
+        let second = presence.subscribed();
+        presence.scanned(first);
+        assert!(
+            !presence.surely_absent(2),
+            "a scan for an older subscription"
+        );
+        presence.scanned(second);
+        assert!(presence.surely_absent(2));
     }
 }

@@ -145,7 +145,8 @@ struct PendingPut {
 /// Stores queued beyond this are dropped (a lost store is only a miss for
 /// another instance later).
 const PENDING_PUTS: usize = 4096;
-const PUT_BATCH: usize = 64;
+const PUT_BATCH: usize = 256;
+const PUT_LINGER: Duration = Duration::from_millis(2);
 
 impl SharedTier {
     pub fn new(config: RedisConfig) -> Arc<SharedTier> {
@@ -238,6 +239,56 @@ impl SharedTier {
         self.run::<i64>(redis::cmd("PUBLISH").arg(self.channel()).arg("hb"))
             .await
             .map(|_| ())
+    }
+
+    /// Records every entry in Redis under our prefix (single Redis or
+    /// Sentinel; a cluster's keys are spread over its masters, and there
+    /// the time-based warm-up applies). `Ok(false)`: not done.
+    pub async fn scan_presence(&self) -> Result<bool, SharedError> {
+        let Connection::Single(mut conn) = self.connection().await? else {
+            return Ok(false);
+        };
+        let pattern = format!("{}r:*", self.config.prefix);
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = tokio::time::timeout(
+                self.config.connect_timeout,
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn),
+            )
+            .await
+            .map_err(|_| SharedError::Timeout)??;
+            if !self.presence.has_room_for(keys.len() as u64) {
+                return Ok(false);
+            }
+            for key in &keys {
+                if let Some(id) = self.entry_id_of_key(key) {
+                    // The entry's own TTL is not asked for: remembering it
+                    // too long only costs a lookup that misses.
+                    self.presence.insert(id, self.presence.warmup());
+                }
+            }
+            if next == 0 {
+                return Ok(true);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The entry id encoded in a result key (`entry_key`'s inverse).
+    fn entry_id_of_key(&self, redis_key: &str) -> Option<u128> {
+        let rest = redis_key
+            .strip_prefix(&self.config.prefix)?
+            .strip_prefix("r:")?;
+        let (key, generations) = rest.split_once(':')?;
+        let key = u128::from_str_radix(key, 16).ok()?;
+        let generations = u64::from_str_radix(generations, 16).ok()?;
+        Some(key ^ u128::from(generations))
     }
 
     /// Where stored entries are announced.
@@ -590,6 +641,18 @@ async fn write_behind(
 ) {
     let mut batch = Vec::with_capacity(PUT_BATCH);
     while pending.recv_many(&mut batch, PUT_BATCH).await > 0 {
+        // Lingering a moment gathers the fills of concurrent clients into
+        // one round trip: far fewer wake-ups and syscalls on both sides,
+        // and nobody waits for these stores.
+        if batch.len() < PUT_BATCH {
+            tokio::time::sleep(PUT_LINGER).await;
+            while batch.len() < PUT_BATCH {
+                match pending.try_recv() {
+                    Ok(put) => batch.push(put),
+                    Err(_) => break,
+                }
+            }
+        }
         let Some(tier) = tier.upgrade() else { return };
         tier.put_batch(&mut batch).await;
     }
