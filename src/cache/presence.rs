@@ -11,52 +11,75 @@
 //! Postgres instead), never a stale row: entries are still read and checked
 //! as before when they are looked up.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-use moka::sync::Cache;
-use moka::Expiry;
 
 /// One announced entry: its id and how long it lives (ms).
 const RECORD_LEN: usize = 16 + 4;
 
-struct AnnouncedTtl;
+const SHARDS: usize = 16;
 
-impl Expiry<u128, u32> for AnnouncedTtl {
-    fn expire_after_create(
-        &self,
-        _id: &u128,
-        millis: &u32,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(Duration::from_millis(u64::from(*millis)))
+/// Ids are hashes already: their low bits are as good as any hash of them.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
     }
 }
 
+/// Id → when it expires (ms since `started`).
+type Shard = HashMap<u128, u64, BuildHasherDefault<IdHasher>>;
+
 pub struct Presence {
-    ids: Cache<u128, u32>,
-    capacity: u64,
+    shards: Vec<Mutex<Shard>>,
+    /// Ids per shard before expired ones are swept out.
+    shard_capacity: usize,
+    /// A shard was full of live ids: some announcements were dropped, so
+    /// nothing is sure until a sweep makes room again.
+    overflowed: AtomicBool,
+    started: Instant,
     /// From when the set holds every live entry; `None` while the bus is
     /// down.
     complete_from: Mutex<Option<Instant>>,
     warmup: Mutex<Duration>,
     /// Counts subscriptions, so a scan of Redis finishing after the bus
     /// was lost and regained does not vouch for the new subscription.
-    subscriptions: std::sync::atomic::AtomicU64,
+    subscriptions: AtomicU64,
 }
 
 impl Presence {
     pub fn new(capacity: u64) -> Presence {
         Presence {
-            ids: Cache::builder()
-                .max_capacity(capacity)
-                .expire_after(AnnouncedTtl)
-                .build(),
-            capacity,
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shard_capacity: (capacity as usize).div_ceil(SHARDS),
+            overflowed: AtomicBool::new(capacity == 0),
+            started: Instant::now(),
             complete_from: Mutex::new(None),
             warmup: Mutex::new(Duration::from_secs(3600)),
-            subscriptions: std::sync::atomic::AtomicU64::new(0),
+            subscriptions: AtomicU64::new(0),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn shard(&self, id: u128) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[(id >> 120) as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The longest an entry may live in Redis.
@@ -69,8 +92,18 @@ impl Presence {
     }
 
     pub fn insert(&self, id: u128, ttl: Duration) {
-        let millis = u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX).max(1);
-        self.ids.insert(id, millis);
+        let now = self.now_ms();
+        let expires = now.saturating_add(ttl.as_millis() as u64);
+        let mut shard = self.shard(id);
+        if shard.len() >= self.shard_capacity && !shard.contains_key(&id) {
+            shard.retain(|_, &mut expires| expires > now);
+            if shard.len() >= self.shard_capacity {
+                self.overflowed.store(true, Ordering::Relaxed);
+                return;
+            }
+            self.overflowed.store(false, Ordering::Relaxed);
+        }
+        shard.insert(id, expires);
     }
 
     /// The subscription is (again) receiving announcements; returns its
@@ -79,9 +112,7 @@ impl Presence {
         let warmup = *self.warmup.lock().unwrap_or_else(|e| e.into_inner());
         *self.complete_from.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(Instant::now() + warmup);
-        self.subscriptions
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1
+        self.subscriptions.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     /// Every entry that was in Redis when subscription number
@@ -89,16 +120,14 @@ impl Presence {
     /// set is complete without waiting for old entries to expire.
     pub fn scanned(&self, subscription: u64) {
         let mut complete_from = self.complete_from.lock().unwrap_or_else(|e| e.into_inner());
-        if complete_from.is_some()
-            && self.subscriptions.load(std::sync::atomic::Ordering::SeqCst) == subscription
-        {
+        if complete_from.is_some() && self.subscriptions.load(Ordering::SeqCst) == subscription {
             *complete_from = Some(Instant::now());
         }
     }
 
-    /// Room left before the set stops being trustworthy.
-    pub fn has_room_for(&self, more: u64) -> bool {
-        self.ids.entry_count() + more < self.capacity / 10 * 9
+    /// Whether announcements had to be dropped for lack of room.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Relaxed)
     }
 
     /// The subscription is down: announcements may be missed.
@@ -106,10 +135,10 @@ impl Presence {
         *self.complete_from.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Whether Redis surely holds no entry with this id. Near capacity the
-    /// set may have dropped live ids, so nothing is sure any more.
+    /// Whether Redis surely holds no entry with this id. After an
+    /// overflow the set may lack live ids, so nothing is sure.
     pub fn surely_absent(&self, id: u128) -> bool {
-        if self.ids.entry_count() >= self.capacity / 10 * 9 {
+        if self.overflowed() {
             return false;
         }
         let complete = self
@@ -117,7 +146,11 @@ impl Presence {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some_and(|from| Instant::now() >= from);
-        complete && !self.ids.contains_key(&id)
+        if !complete {
+            return false;
+        }
+        let now = self.now_ms();
+        !matches!(self.shard(id).get(&id), Some(&expires) if expires > now)
     }
 
     pub fn encode(records: &[(u128, Duration)]) -> Vec<u8> {
@@ -140,7 +173,7 @@ impl Presence {
             let (id, millis) = record.split_at(16);
             let id = u128::from_be_bytes(id.try_into().unwrap_or_default());
             let millis = u32::from_be_bytes(millis.try_into().unwrap_or_default());
-            self.ids.insert(id, millis.max(1));
+            self.insert(id, Duration::from_millis(u64::from(millis)));
         }
         payload.len() / RECORD_LEN
     }
@@ -149,6 +182,21 @@ impl Presence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_set_vouches_for_nothing_until_expired_ids_make_room() {
+        let presence = Presence::new(SHARDS as u64);
+        presence.set_warmup(Duration::ZERO);
+        presence.subscribed();
+        // Ids 0 and 1 land in the same shard, of room for one.
+        presence.insert(0, Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        presence.insert(1, Duration::from_secs(60));
+        assert!(presence.surely_absent(0), "expired ids are swept out");
+        presence.insert(2, Duration::from_secs(60));
+        assert!(presence.overflowed());
+        assert!(!presence.surely_absent(3));
+    }
 
     #[test]
     fn complete_only_after_warmup_and_while_subscribed() {

@@ -263,15 +263,15 @@ impl SharedTier {
             )
             .await
             .map_err(|_| SharedError::Timeout)??;
-            if !self.presence.has_room_for(keys.len() as u64) {
-                return Ok(false);
-            }
             for key in &keys {
                 if let Some(id) = self.entry_id_of_key(key) {
                     // The entry's own TTL is not asked for: remembering it
                     // too long only costs a lookup that misses.
                     self.presence.insert(id, self.presence.warmup());
                 }
+            }
+            if self.presence.overflowed() {
+                return Ok(false);
             }
             if next == 0 {
                 return Ok(true);
