@@ -101,6 +101,10 @@ pub struct Authenticator {
     configured: HashMap<String, Secret>,
     from_file: HashMap<String, Secret>,
     queried: Mutex<HashMap<String, (Instant, Option<Secret>)>>,
+    /// SCRAM salted passwords derived from plain passwords, by user and
+    /// password: deriving one takes thousands of hash iterations, so it is
+    /// done once, not at every login.
+    salted: Mutex<HashMap<(String, String), Vec<u8>>>,
     failures: Arc<FailureLog>,
     /// Key for the salts of users without a stored one (unknown users and
     /// plain passwords), so every user always sees the same salt.
@@ -169,6 +173,7 @@ impl Authenticator {
             configured,
             from_file,
             queried: Mutex::new(HashMap::new()),
+            salted: Mutex::new(HashMap::new()),
             failures: previous.map_or_else(Default::default, |p| p.failures.clone()),
             salt_key: previous.map_or_else(|| Arc::new(rand::random()), |p| p.salt_key.clone()),
             scram_plain,
@@ -276,6 +281,27 @@ impl Authenticator {
             .next()
             .and_then(|row| row.into_iter().nth(1).flatten())
             .map(|text: String| Secret::parse(&text)))
+    }
+
+    fn salted_password(&self, user: &str, password: &str, salt: &[u8]) -> Vec<u8> {
+        let key = (user.to_owned(), password.to_owned());
+        if let Some(salted) = self
+            .salted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return salted.clone();
+        }
+        let salted = gen_salted_password(password, salt, self.config.scram_iterations as usize);
+        let mut cache = self.salted.lock().unwrap_or_else(|e| e.into_inner());
+        // Only users with plain passwords configured land here; the bound
+        // guards against an auth_query returning plain passwords for many.
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(key, salted.clone());
+        salted
     }
 
     /// The salt a user without a stored one is always offered.
@@ -601,7 +627,7 @@ impl Exchange<'_> {
             ),
             Some(Secret::Plain(password)) => {
                 let salt = auth.salt_for(self.user);
-                let salted_password = gen_salted_password(password, &salt, iterations);
+                let salted_password = auth.salted_password(self.user, password, &salt);
                 (
                     ScramSecret::SaltedPassword {
                         salt,
