@@ -450,18 +450,7 @@ fn parse_messages(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
 }
 
 fn startup_message(user: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&196608i32.to_be_bytes());
-    for (k, v) in [("user", user), ("database", "postgres")] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut message = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    message.extend_from_slice(&body);
-    message
+    support::startup_packet(&[("user", user), ("database", "postgres")])
 }
 
 /// Reads one message (for the first challenge of a handshake).

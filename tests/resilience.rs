@@ -29,20 +29,6 @@ const UPSTREAM_QUERY: &str = "SELECT random()";
 
 // --- Raw protocol -----------------------------------------------------------
 
-fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = 196_608i32.to_be_bytes().to_vec();
-    for (name, value) in params {
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    packet.extend(body);
-    packet
-}
-
 fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![tag];
     out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
@@ -96,7 +82,7 @@ fn error_fields(body: &[u8]) -> HashMap<u8, String> {
 async fn raw_login(addr: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.expect("connect to pgstash");
     stream
-        .write_all(&startup_packet(&[
+        .write_all(&support::startup_packet(&[
             ("user", "postgres"),
             ("database", "test"),
         ]))
@@ -248,14 +234,14 @@ async fn garbage_instead_of_a_startup_message_is_refused() {
 
     // Parameters not NUL-terminated.
     let mut malformed = TcpStream::connect(proxy.addr).await.unwrap();
-    let mut packet = startup_packet(&[("user", "postgres")]);
+    let mut packet = support::startup_packet(&[("user", "postgres")]);
     *packet.last_mut().unwrap() = b'x';
     malformed.write_all(&packet).await.unwrap();
     expect_error_then_close(&mut malformed, "08P01", "unterminated startup parameters").await;
 
     // A plausible length, then silence: the startup deadline ends it.
     let mut lying = TcpStream::connect(proxy.addr).await.unwrap();
-    let mut packet = startup_packet(&[("user", "postgres"), ("database", "test")]);
+    let mut packet = support::startup_packet(&[("user", "postgres"), ("database", "test")]);
     packet[..4].copy_from_slice(&200i32.to_be_bytes());
     lying.write_all(&packet).await.unwrap();
     let started = Instant::now();

@@ -29,8 +29,6 @@ use tokio_postgres::NoTls;
 /// pgstash is waiting for us, which is a failure in itself.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Protocol 3.0, as sent in a StartupMessage.
-const PROTOCOL_3_0: i32 = 196_608;
 const SSL_REQUEST_CODE: i32 = 80_877_103;
 
 /// A test CA and a server certificate it signed, as PEM files in a
@@ -170,17 +168,7 @@ fn ssl_request() -> Vec<u8> {
 }
 
 fn startup_message(user: &str, database: &str) -> Vec<u8> {
-    let mut body = PROTOCOL_3_0.to_be_bytes().to_vec();
-    for (name, value) in [("user", user), ("database", database)] {
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
+    support::startup_packet(&[("user", user), ("database", database)])
 }
 
 /// One tagged backend message.
