@@ -133,7 +133,8 @@ async fn wait_until_warm(proxy: &TestProxy) {
     }
 }
 
-/// Waits until `counter` of B's shared-tier stats moves past `before`.
+/// Waits until `counter` of an instance's shared-tier stats moves past
+/// `before`.
 async fn wait_for_stat(
     proxy: &TestProxy,
     what: &str,
@@ -181,6 +182,25 @@ async fn lookups_skip_redis_for_entries_nobody_announced() {
     wait_for_stat(&b, "the announcement of A's fill", announced, heard).await;
     let hits = shared(&b).stats.hits.load(Ordering::Relaxed);
     assert_eq!(scalar(&cb, &sql).await, "7");
+    assert_eq!(shared(&b).stats.hits.load(Ordering::Relaxed), hits + 1);
+
+    // The extended protocol is answered from Redis too.
+    let stored = |s: &SharedTier| s.stats.stored.load(Ordering::Relaxed);
+    let (stored_before, heard) = (stored(shared(&a)), announced(shared(&b)));
+    let hits = shared(&b).stats.hits.load(Ordering::Relaxed);
+    let prepared = format!("SELECT v * $1::int FROM {t}");
+    let fill = ca.query_one(&prepared, &[&3i32]).await.unwrap();
+    assert_eq!(fill.get::<_, i32>(0), 21);
+    wait_for_stat(&a, "the store of A's extended fill", stored, stored_before).await;
+    wait_for_stat(
+        &b,
+        "the announcement of A's extended fill",
+        announced,
+        heard,
+    )
+    .await;
+    let row = cb.query_one(&prepared, &[&3i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 21);
     assert_eq!(shared(&b).stats.hits.load(Ordering::Relaxed), hits + 1);
 
     // An instance started later learns of the entry by scanning Redis.

@@ -1,17 +1,19 @@
 //! The extended protocol and the cache. A pipelined batch — any number of
 //! `[Parse] Bind [Describe portal] Execute` groups and a Sync — is answered
-//! locally only if every Execute in it is a hit; otherwise the whole batch
-//! goes upstream and the results of its cacheable Executes are captured on
-//! the way back.
+//! by pgstash only if every Execute in it is a hit (in the local tier, or
+//! in Redis); otherwise the whole batch goes upstream and the results of
+//! its cacheable Executes are captured on the way back.
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::caching::Fill;
 use super::{Session, SessionError, Statement};
 use crate::cache::key::{statement_key, Protocol};
+use crate::cache::local::Entry;
 use crate::cache::policy::{self, Decision};
+use crate::cache::Cache;
 use crate::protocol::frame::{get_cstr, get_i32, HEADER_LEN};
 use crate::protocol::messages::{self as msg, Bind, Parse, Target};
 use crate::sql::analyze::Analysis;
@@ -22,6 +24,93 @@ struct Group<'a> {
     parse: Option<Parse<'a>>,
     bind: Bind<'a>,
     describe: bool,
+}
+
+/// One Execute of a batch that may be answered from the cache.
+struct PlannedExecute {
+    parsed: bool,
+    describe: bool,
+    key: u128,
+    decision: Decision,
+}
+
+/// A batch that could be answered from the cache, and the statements
+/// answering it would create.
+struct AnswerPlan {
+    executes: Vec<PlannedExecute>,
+    new_statements: Vec<(Vec<u8>, Arc<Statement>)>,
+    unnamed: Option<Arc<Statement>>,
+}
+
+type Answer = (
+    Vec<Bytes>,
+    Vec<(Vec<u8>, Arc<Statement>)>,
+    Option<Arc<Statement>>,
+);
+
+/// The response to a planned batch if every Execute in it is a hit: in
+/// the local tier when it can be trusted, else in Redis (promoted to the
+/// local tier for what is left of the entry's life).
+async fn fetch_answer(cache: &Arc<Cache>, database: u32, plan: AnswerPlan) -> Option<Answer> {
+    let mut response = Vec::with_capacity(plan.executes.len() * 3);
+    for execute in &plan.executes {
+        let (payload, row_description) = match local_hit(cache, execute.key) {
+            Some(entry) => {
+                crate::admin::metrics::tier_hit("local");
+                (entry.payload.clone(), entry.row_description.clone())
+            }
+            None => redis_hit(cache, database, execute).await?,
+        };
+        if execute.parsed {
+            response.push(Bytes::from_static(b"1\0\0\0\x04"));
+        }
+        response.push(Bytes::from_static(b"2\0\0\0\x04"));
+        if execute.describe {
+            response.push(row_description?);
+        }
+        response.push(payload);
+    }
+    Some((response, plan.new_statements, plan.unnamed))
+}
+
+fn local_hit(cache: &Cache, key: u128) -> Option<Arc<Entry>> {
+    if !cache.local_trusted() {
+        return None;
+    }
+    let entry = cache.local.get(key)?;
+    (cache.generations.is_current(&entry.snapshot) && cache.local_entry_usable(&entry))
+        .then_some(entry)
+}
+
+async fn redis_hit(
+    cache: &Cache,
+    database: u32,
+    execute: &PlannedExecute,
+) -> Option<(Bytes, Option<Bytes>)> {
+    let shared = cache.shared.as_ref()?;
+    let snapshot = cache
+        .snapshot(database, &execute.decision.tables)
+        .await
+        .ok()?;
+    let (stored, age) = shared.get(execute.key, &snapshot).await.ok()??;
+    // This query's TTL bounds the entry's age, as for simple queries.
+    let left = execute
+        .decision
+        .ttl
+        .checked_sub(age)
+        .filter(|d| !d.is_zero())?;
+    crate::admin::metrics::tier_hit("redis");
+    cache.local.insert(
+        execute.key,
+        Entry {
+            snapshot,
+            payload: stored.payload.clone(),
+            row_description: stored.row_description.clone(),
+            ttl: left,
+            stored_at: std::time::Instant::now(),
+        },
+    );
+    Some((stored.payload, stored.row_description))
 }
 
 /// What a portal bound for a cacheable statement will be stored under.
@@ -38,7 +127,10 @@ impl Session {
         if self.discard_until_sync || self.cache_usable().is_err() {
             return Ok(false);
         }
-        if !self.proxy.cache.as_ref().is_some_and(|c| c.local_trusted()) {
+        let Some(cache) = self.proxy.cache.clone() else {
+            return Ok(false);
+        };
+        if !cache.local_trusted() && cache.shared.is_none() {
             return Ok(false);
         }
         let Some(batch_len) = batch_length(&self.client_buf) else {
@@ -48,81 +140,75 @@ impl Session {
         if self.cache_context().await.is_err() {
             return Ok(false);
         }
-        let mut batch = self.client_buf.split_to(batch_len);
-        match self.local_answer(&batch) {
-            Some((response, new_statements, unnamed)) => {
-                if let Some(cache) = &self.proxy.cache {
-                    cache.stats.count(crate::cache::Outcome::Hit);
-                }
-                for (name, statement) in new_statements {
-                    self.statements.insert(name, statement);
-                }
-                if let Some(statement) = unnamed {
-                    self.unnamed = Some(statement);
-                }
-                for chunk in response {
-                    self.out.push_shared(chunk);
-                }
-                self.push_local_ready();
-                crate::admin::metrics::get()
-                    .hit_duration
-                    .record(started.elapsed());
-                Ok(true)
-            }
-            None => {
-                // Put the batch back in front of whatever followed it; the
-                // two halves are contiguous, so this is O(1).
-                let rest = std::mem::take(&mut self.client_buf);
-                batch.unsplit(rest);
-                self.client_buf = batch;
-                Ok(false)
-            }
+        let Some(database) = self
+            .cache_state
+            .context
+            .as_ref()
+            .map(|ctx| ctx.catalog.database_oid)
+        else {
+            return Ok(false);
+        };
+        let answer = match self.plan_answer(&self.client_buf[..batch_len]) {
+            Some(plan) => fetch_answer(&cache, database, plan).await,
+            None => None,
+        };
+        let Some((response, new_statements, unnamed)) = answer else {
+            return Ok(false);
+        };
+        self.client_buf.advance(batch_len);
+        cache.stats.count(crate::cache::Outcome::Hit);
+        for (name, statement) in new_statements {
+            self.statements.insert(name, statement);
         }
+        if let Some(statement) = unnamed {
+            self.unnamed = Some(statement);
+        }
+        for chunk in response {
+            self.out.push_shared(chunk);
+        }
+        self.push_local_ready();
+        crate::admin::metrics::get()
+            .hit_duration
+            .record(started.elapsed());
+        Ok(true)
     }
 
-    /// The response to `batch` if every Execute in it is a hit, with the
-    /// named statements it creates and the unnamed statement's analysis.
-    #[allow(clippy::type_complexity)]
-    fn local_answer(
-        &self,
-        batch: &[u8],
-    ) -> Option<(
-        Vec<Bytes>,
-        Vec<(Vec<u8>, Arc<Statement>)>,
-        Option<Arc<Statement>>,
-    )> {
+    /// What answering `batch` from the cache would take: every group's
+    /// key and tables, or `None` if some Execute is not cacheable.
+    fn plan_answer(&self, batch: &[u8]) -> Option<AnswerPlan> {
         let cache = self.proxy.cache.as_ref()?;
         let ctx = self.cache_state.context.as_ref()?;
         let groups = parse_groups(batch)?;
-        let mut response = Vec::with_capacity(groups.len() * 3);
-        let mut new_statements: Vec<(Vec<u8>, Arc<Statement>)> = Vec::new();
-        let mut unnamed: Option<Arc<Statement>> = None;
+        let mut plan = AnswerPlan {
+            executes: Vec::with_capacity(groups.len()),
+            new_statements: Vec::new(),
+            unnamed: None,
+        };
         for group in &groups {
             let (text, types, analysis) = match &group.parse {
                 Some(parse) => {
                     let analysis = cache.analyze(std::str::from_utf8(parse.query).ok()?);
                     if parse.name.is_empty() {
-                        unnamed = Some(Arc::new(new_statement(
+                        plan.unnamed = Some(Arc::new(new_statement(
                             parse,
                             analysis.clone(),
                             self.search_path(),
                         )));
                     } else {
                         if self.statements.contains_key(parse.name)
-                            || new_statements.iter().any(|(n, _)| n == parse.name)
+                            || plan.new_statements.iter().any(|(n, _)| n == parse.name)
                         {
                             return None;
                         }
-                        new_statements.push((
+                        plan.new_statements.push((
                             parse.name.to_vec(),
                             Arc::new(new_statement(parse, analysis.clone(), self.search_path())),
                         ));
                     }
-                    response.push(Bytes::from_static(b"1\0\0\0\x04"));
                     (parse.query.to_vec(), parse.param_types.clone(), analysis)
                 }
                 None if group.bind.statement.is_empty() => {
-                    let statement = unnamed.as_ref()?;
+                    let statement = plan.unnamed.as_ref()?;
                     (
                         statement.query.clone(),
                         statement.param_types.clone(),
@@ -131,7 +217,7 @@ impl Session {
                 }
                 None => {
                     let statement = self.statements.get(group.bind.statement).or_else(|| {
-                        new_statements
+                        plan.new_statements
                             .iter()
                             .find(|(n, _)| n == group.bind.statement)
                             .map(|(_, s)| s)
@@ -143,7 +229,7 @@ impl Session {
                     )
                 }
             };
-            policy::decide(
+            let decision = policy::decide(
                 &analysis,
                 &ctx.catalog,
                 &ctx.schemas,
@@ -158,17 +244,14 @@ impl Session {
                 &types,
                 group.bind.rest,
             );
-            let entry = cache.local.get(key)?;
-            if !cache.generations.is_current(&entry.snapshot) || !cache.local_entry_usable(&entry) {
-                return None;
-            }
-            response.push(Bytes::from_static(b"2\0\0\0\x04"));
-            if group.describe {
-                response.push(entry.row_description.clone()?);
-            }
-            response.push(entry.payload.clone());
+            plan.executes.push(PlannedExecute {
+                parsed: group.parse.is_some(),
+                describe: group.describe,
+                key,
+                decision,
+            });
         }
-        Some((response, new_statements, unnamed))
+        Some(plan)
     }
 
     /// On Bind: remembers the key a cacheable portal's result would be
