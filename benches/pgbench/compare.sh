@@ -28,6 +28,9 @@
 #                 is what Redis adds to a miss (a lookup that skips Redis
 #                 for entries nobody announced, and the store, written
 #                 behind the client in batches)
+# Redis targets remember up to 4,000,000 announced entries
+# (presence_capacity), more than the runs store, so lookups of entries
+# nobody stored keep skipping Redis across rounds.
 # Every Redis target has its own key prefix, pgstash_compare_<pid>_<time>_
 # followed by ro:, lr: or miss:, so no target sees another's entries; every
 # key under it is deleted on exit, however the script ends.
@@ -341,7 +344,7 @@ for target in "${targets[@]}"; do
             printf 'default_ttl = "%s"\ncapacity_bytes = %s\n' "${t_ttl[$target]}" "${t_bytes[$target]}"
         fi
         if [[ -n ${t_prefix[$target]:-} ]]; then
-            printf '\n[redis]\nurl = "%s"\nprefix = "%s"\n' "$REDIS_URL" "${t_prefix[$target]}"
+            printf '\n[redis]\nurl = "%s"\nprefix = "%s"\npresence_capacity = 4000000\n' "$REDIS_URL" "${t_prefix[$target]}"
         fi
     } >"$config"
     ./target/release/pgstash --config "$config" --listen "127.0.0.1:${port_of[$target]}" \

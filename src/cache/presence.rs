@@ -39,8 +39,17 @@ impl Hasher for IdHasher {
     }
 }
 
-/// Id → when it expires (ms since `started`).
-type Shard = HashMap<u128, u64, BuildHasherDefault<IdHasher>>;
+/// Id → when it expires (ms since `started`), and when a full shard may
+/// next be swept: a sweep that found nothing expired is not repeated for
+/// every insert after it.
+#[derive(Default)]
+struct Shard {
+    ids: HashMap<u128, u64, BuildHasherDefault<IdHasher>>,
+    next_sweep_ms: u64,
+}
+
+/// How long a full shard waits before it is swept again.
+const SWEEP_INTERVAL_MS: u64 = 1000;
 
 pub struct Presence {
     shards: Vec<Mutex<Shard>>,
@@ -95,15 +104,18 @@ impl Presence {
         let now = self.now_ms();
         let expires = now.saturating_add(ttl.as_millis() as u64);
         let mut shard = self.shard(id);
-        if shard.len() >= self.shard_capacity && !shard.contains_key(&id) {
-            shard.retain(|_, &mut expires| expires > now);
-            if shard.len() >= self.shard_capacity {
+        if shard.ids.len() >= self.shard_capacity && !shard.ids.contains_key(&id) {
+            if now >= shard.next_sweep_ms {
+                shard.ids.retain(|_, &mut expires| expires > now);
+                shard.next_sweep_ms = now + SWEEP_INTERVAL_MS;
+            }
+            if shard.ids.len() >= self.shard_capacity {
                 self.overflowed.store(true, Ordering::Relaxed);
                 return;
             }
             self.overflowed.store(false, Ordering::Relaxed);
         }
-        shard.insert(id, expires);
+        shard.ids.insert(id, expires);
     }
 
     /// The subscription is (again) receiving announcements; returns its
@@ -150,7 +162,7 @@ impl Presence {
             return false;
         }
         let now = self.now_ms();
-        !matches!(self.shard(id).get(&id), Some(&expires) if expires > now)
+        !matches!(self.shard(id).ids.get(&id), Some(&expires) if expires > now)
     }
 
     pub fn encode(records: &[(u128, Duration)]) -> Vec<u8> {

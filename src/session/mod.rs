@@ -253,7 +253,11 @@ impl Session {
                         return Ok(());
                     }
                     let flow = self.on_client_input().await?;
-                    if self.client_buf.is_empty() {
+                    // A plaintext client's buffer is only allocated once it
+                    // has sent something, so an idle one holds none. A TLS
+                    // read needs room up front, so its buffer is kept
+                    // rather than allocated again for every message.
+                    if self.client_buf.is_empty() && !self.client.is_tls() {
                         self.client_buf = BytesMut::new();
                     }
                     if flow == Flow::Stop {
