@@ -39,6 +39,9 @@ impl Expiry<u128, Arc<Entry>> for PerEntryTtl {
 
 pub struct LocalTier {
     entries: Cache<u128, Arc<Entry>>,
+    /// `capacity_bytes = 0` turns the tier off (Redis then serves alone):
+    /// nothing is stored, so nothing is evicted at once either.
+    disabled: bool,
     evictions: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -68,15 +71,24 @@ impl LocalTier {
                 });
             })
             .build();
-        LocalTier { entries, evictions }
+        LocalTier {
+            entries,
+            evictions,
+            disabled: capacity_bytes == 0,
+        }
     }
 
     pub fn get(&self, key: u128) -> Option<Arc<Entry>> {
+        if self.disabled {
+            return None;
+        }
         self.entries.get(&key)
     }
 
     pub fn insert(&self, key: u128, entry: Entry) {
-        self.entries.insert(key, Arc::new(entry));
+        if !self.disabled {
+            self.entries.insert(key, Arc::new(entry));
+        }
     }
 
     pub fn remove(&self, key: u128) {
