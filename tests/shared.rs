@@ -80,21 +80,57 @@ async fn wait_for_bus(proxy: &TestProxy) {
     }
 }
 
+/// Two pgstash instances sharing one Redis key prefix on `url`, a fresh
+/// table `(v int)` holding `value`, and a client on each.
+struct Pair {
+    prefix: String,
+    a: TestProxy,
+    b: TestProxy,
+    ca: Client,
+    cb: Client,
+    table: String,
+    direct: Client,
+}
+
+impl Pair {
+    /// Bind every instance the test needs alive: a dropped one stops.
+    async fn start(url: &str, extra: &str, label: &str, value: i32) -> Pair {
+        let prefix = unique("pgstash_test");
+        let a = start_with_redis(url, &prefix, extra).await;
+        let b = start_with_redis(url, &prefix, extra).await;
+        let table = unique(label);
+        let direct = support::direct("test").await;
+        direct
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (v int); INSERT INTO {table} VALUES ({value})"
+            ))
+            .await
+            .unwrap();
+        let (ca, cb) = (a.connect("test").await, b.connect("test").await);
+        Pair {
+            prefix,
+            a,
+            b,
+            ca,
+            cb,
+            table,
+            direct,
+        }
+    }
+}
+
 /// Two pgstash instances on `url`: a fill through A is a Redis hit through
 /// B, and writes through A reach B.
 async fn assert_two_instances_share(url: &str, extra: &str) -> (TestProxy, TestProxy) {
-    let prefix = unique("pgstash_test");
-    let a = start_with_redis(url, &prefix, extra).await;
-    let b = start_with_redis(url, &prefix, extra).await;
-    let t = unique("two");
-    let direct = support::direct("test").await;
-    direct
-        .batch_execute(&format!(
-            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
-        ))
-        .await
-        .unwrap();
-    let (ca, cb) = (a.connect("test").await, b.connect("test").await);
+    let Pair {
+        a,
+        b,
+        ca,
+        cb,
+        table: t,
+        direct,
+        ..
+    } = Pair::start(url, extra, "two", 0).await;
     let sql = format!("SELECT v FROM {t}");
     assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "0");
     let before = shared(&b).stats.hits.load(Ordering::Relaxed);
@@ -153,20 +189,17 @@ async fn lookups_skip_redis_for_entries_nobody_announced() {
     // Once an instance has scanned Redis (or listened for as long as
     // entries live), it knows every entry there and stops asking Redis for
     // the others.
-    let prefix = unique("pgstash_test");
     let extra = "[cache]\ndefault_ttl = \"1h\"";
-    let a = start_with_redis("redis://127.0.0.1:6379", &prefix, extra).await;
-    let b = start_with_redis("redis://127.0.0.1:6379", &prefix, extra).await;
+    let Pair {
+        prefix,
+        a,
+        b,
+        ca,
+        cb,
+        table: t,
+        direct,
+    } = Pair::start("redis://127.0.0.1:6379", extra, "presence", 7).await;
     wait_until_warm(&b).await;
-    let t = unique("presence");
-    let direct = support::direct("test").await;
-    direct
-        .batch_execute(&format!(
-            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (7)"
-        ))
-        .await
-        .unwrap();
-    let (ca, cb) = (a.connect("test").await, b.connect("test").await);
 
     // Nobody stored this one: B goes to Postgres without asking Redis.
     let skipped = |s: &SharedTier| s.stats.skipped.load(Ordering::Relaxed);
@@ -217,19 +250,15 @@ async fn lookups_skip_redis_for_entries_nobody_announced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_through_one_pgstash_is_a_redis_hit_through_another() {
-    let prefix = unique("pgstash_test");
-    let a = start_with_redis("redis://127.0.0.1:6379", &prefix, "").await;
-    let b = start_with_redis("redis://127.0.0.1:6379", &prefix, "").await;
-    let t = unique("shared");
-    let direct = support::direct("test").await;
-    direct
-        .batch_execute(&format!(
-            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (42)"
-        ))
-        .await
-        .unwrap();
-    let ca = a.connect("test").await;
-    let cb = b.connect("test").await;
+    let Pair {
+        a,
+        b,
+        ca,
+        cb,
+        table: t,
+        direct,
+        ..
+    } = Pair::start("redis://127.0.0.1:6379", "", "shared", 42).await;
     let sql = format!("SELECT v FROM {t}");
     assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "42");
     assert_eq!(scalar(&cb, &sql).await, "42");
@@ -261,19 +290,16 @@ async fn a_fill_through_one_pgstash_is_a_redis_hit_through_another() {
 /// delay from A's CommandComplete to B serving the new value is measured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_through_one_pgstash_invalidate_the_other() {
-    let prefix = unique("pgstash_test");
-    let a = start_with_redis("redis://127.0.0.1:6379", &prefix, "").await;
-    let b = start_with_redis("redis://127.0.0.1:6379", &prefix, "").await;
-    let t = unique("bus");
-    let direct = support::direct("test").await;
-    direct
-        .batch_execute(&format!(
-            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
-        ))
-        .await
-        .unwrap();
-    let ca = a.connect("test").await;
-    let cb = b.connect("test").await;
+    // Unused instances are bound all the same: dropping one stops it.
+    let Pair {
+        a: _a,
+        b: _b,
+        ca,
+        cb,
+        table: t,
+        direct,
+        ..
+    } = Pair::start("redis://127.0.0.1:6379", "", "bus", 0).await;
     let sql = format!("SELECT v FROM {t}");
     let mut delays = Vec::new();
     for i in 1..=200 {
@@ -486,19 +512,15 @@ impl Drop for OwnRedis {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_bus_stops_local_hits_until_it_is_back() {
     let own = OwnRedis::start();
-    let prefix = unique("pgstash_test");
-    let a = start_with_redis(&own.url(), &prefix, "").await;
-    let b = start_with_redis(&own.url(), &prefix, "").await;
-    let t = unique("lost");
-    let direct = support::direct("test").await;
-    direct
-        .batch_execute(&format!(
-            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (1)"
-        ))
-        .await
-        .unwrap();
-    let ca = a.connect("test").await;
-    let cb = b.connect("test").await;
+    let Pair {
+        a: _a,
+        b,
+        ca,
+        cb,
+        table: t,
+        direct,
+        ..
+    } = Pair::start(&own.url(), "", "lost", 1).await;
     let sql = format!("SELECT v FROM {t}");
     assert_eq!(scalar(&cb, &sql).await, "1");
 

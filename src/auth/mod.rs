@@ -44,9 +44,9 @@ pub enum LoginError {
 }
 
 /// A client that proved who it is.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LoginOk {
-    pub method: Option<AuthMethod>,
+    pub method: AuthMethod,
     /// What pgstash now knows to log in to Postgres as the same user.
     pub upstream: Option<UpstreamSecret>,
 }
@@ -306,8 +306,7 @@ impl Authenticator {
 
     /// The salt a user without a stored one is always offered.
     fn salt_for(&self, user: &str) -> Vec<u8> {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.salt_key[..]);
-        ring::hmac::sign(&key, user.as_bytes()).as_ref()[..16].to_vec()
+        scram::hmac_sha256(&self.salt_key[..], user.as_bytes())[..16].to_vec()
     }
 }
 
@@ -375,7 +374,7 @@ pub async fn authenticate(
     match method {
         AuthMethod::Trust => {
             return Ok(LoginOk {
-                method: Some(method),
+                method,
                 upstream: None,
             })
         }
@@ -411,10 +410,7 @@ pub async fn authenticate(
     match outcome {
         Ok(upstream) => {
             auth.failures.succeeded(host);
-            Ok(LoginOk {
-                method: Some(method),
-                upstream,
-            })
+            Ok(LoginOk { method, upstream })
         }
         Err(ExchangeError::Io(e)) => Err(LoginError::Io(e)),
         Err(failure) => {
@@ -549,12 +545,7 @@ impl Exchange<'_> {
             }
             Some(Secret::Scram(v)) => {
                 let salted = gen_salted_password(&password, &v.salt, v.iterations as usize);
-                let client_key = ring::hmac::sign(
-                    &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salted),
-                    b"Client Key",
-                );
-                let stored = ring::digest::digest(&ring::digest::SHA256, client_key.as_ref());
-                same(stored.as_ref(), &v.stored_key)
+                same(&scram::stored_key(&salted), &v.stored_key)
             }
             None => false,
         };

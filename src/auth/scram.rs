@@ -27,13 +27,19 @@ impl fmt::Debug for ScramKeys {
     }
 }
 
-fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+pub(crate) fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
     let key = hmac::Key::new(hmac::HMAC_SHA256, key);
     hmac::sign(&key, message).as_ref().to_vec()
 }
 
 fn sha256(data: &[u8]) -> Vec<u8> {
     digest::digest(&digest::SHA256, data).as_ref().to_vec()
+}
+
+/// StoredKey = H(HMAC(SaltedPassword, "Client Key")), what a verifier
+/// keeps of a password.
+pub fn stored_key(salted_password: &[u8]) -> Vec<u8> {
+    sha256(&hmac_sha256(salted_password, b"Client Key"))
 }
 
 fn xor(a: &[u8], b: &[u8]) -> Vec<u8> {

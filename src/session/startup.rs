@@ -253,7 +253,7 @@ async fn log_in(
             database,
         };
         let method = match &result {
-            Ok(ok) => ok.method.map(crate::auth::method_name).unwrap_or("trust"),
+            Ok(ok) => crate::auth::method_name(ok.method),
             Err(_) => request
                 .authenticator
                 .method_name_for(database, user, peer.ip()),

@@ -398,27 +398,25 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    {
-        let mut written = 0;
-        while written < data.len() {
-            tokio::select! {
-                biased;
-                n = writer.write(&data[written..]) => {
-                    let n = n?;
-                    if n == 0 {
-                        return Err(UpstreamError::Io(std::io::ErrorKind::WriteZero.into()));
-                    }
-                    written += n;
+    let mut written = 0;
+    while written < data.len() {
+        tokio::select! {
+            biased;
+            n = writer.write(&data[written..]) => {
+                let n = n?;
+                if n == 0 {
+                    return Err(UpstreamError::Io(std::io::ErrorKind::WriteZero.into()));
                 }
-                n = reader.read_buf(read_buf), if read_buf.capacity() > read_buf.len() => {
-                    if n? == 0 {
-                        return Err(UpstreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-                    }
+                written += n;
+            }
+            n = reader.read_buf(read_buf), if read_buf.capacity() > read_buf.len() => {
+                if n? == 0 {
+                    return Err(UpstreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));
                 }
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 impl ServerConn {
