@@ -540,7 +540,8 @@ impl Session {
         let Some(mut server) = self.server.take() else {
             return;
         };
-        if !self.pending.is_empty() {
+        // A cancel still on its way must not reach the server's next user.
+        if self.cancel_slot.detach() || !self.pending.is_empty() {
             server.broken = true;
             return;
         }
