@@ -121,7 +121,8 @@ impl Pair {
 
 /// Two pgstash instances on `url`: a fill through A is a Redis hit through
 /// B, and writes through A reach B.
-async fn assert_two_instances_share(url: &str, extra: &str) -> (TestProxy, TestProxy) {
+async fn assert_two_instances_share(url: &str, extra: &str) -> Pair {
+    let pair = Pair::start(url, extra, "two", 0).await;
     let Pair {
         a,
         b,
@@ -130,13 +131,13 @@ async fn assert_two_instances_share(url: &str, extra: &str) -> (TestProxy, TestP
         table: t,
         direct,
         ..
-    } = Pair::start(url, extra, "two", 0).await;
+    } = &pair;
     let sql = format!("SELECT v FROM {t}");
-    assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "0");
-    let before = shared(&b).stats.hits.load(Ordering::Relaxed);
-    assert_eq!(scalar(&cb, &sql).await, "0");
+    assert_eq!(read_and_wait_for_fill(a, ca, &sql).await, "0");
+    let before = shared(b).stats.hits.load(Ordering::Relaxed);
+    assert_eq!(scalar(cb, &sql).await, "0");
     assert_eq!(
-        shared(&b).stats.hits.load(Ordering::Relaxed),
+        shared(b).stats.hits.load(Ordering::Relaxed),
         before + 1,
         "B did not hit A's fill in redis"
     );
@@ -145,7 +146,7 @@ async fn assert_two_instances_share(url: &str, extra: &str) -> (TestProxy, TestP
             .await
             .unwrap();
         let written = Instant::now();
-        while scalar(&cb, &sql).await != i.to_string() {
+        while scalar(cb, &sql).await != i.to_string() {
             assert!(
                 written.elapsed() < Duration::from_secs(2),
                 "B stale 2 s after a write through A"
@@ -156,7 +157,7 @@ async fn assert_two_instances_share(url: &str, extra: &str) -> (TestProxy, TestP
         .batch_execute(&format!("DROP TABLE {t}"))
         .await
         .unwrap();
-    (a, b)
+    pair
 }
 
 /// Waits until an instance knows every entry in Redis (after its scan, or
@@ -599,7 +600,82 @@ async fn two_pgstash_on_a_redis_cluster() {
     }
     let urls: Vec<String> = nodes.iter().map(OwnRedis::url).collect();
     let url = urls.join(",");
-    assert_two_instances_share(&url, "cluster = true").await;
+    let pair = assert_two_instances_share(&url, "cluster = true").await;
+
+    // The bus is sharded pub/sub: both instances hold a shard subscription
+    // (on the master of the bus's slot) and no plain one anywhere.
+    let channel = format!("{}:{{bus}}invalidate", pair.prefix);
+    let mut node_connections = Vec::new();
+    for node in &nodes {
+        let client = redis::Client::open(node.url()).unwrap();
+        node_connections.push(client.get_multiplexed_async_connection().await.unwrap());
+    }
+    let (mut sharded, mut plain) = (0, 0);
+    for conn in &mut node_connections {
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(&channel)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let (_, m): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(conn)
+            .await
+            .unwrap();
+        sharded += n;
+        plain += m;
+    }
+    assert_eq!((sharded, plain), (2, 0), "shard and plain subscribers");
+
+    // Killing the subscriptions: B resubscribes by itself, and a write
+    // through A meanwhile is never read stale through B.
+    let t = unique("clusterkill");
+    // Created through B, whose catalog learns the table from its own DDL.
+    pair.cb
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (1)"
+        ))
+        .await
+        .unwrap();
+    let sql = format!("SELECT v FROM {t}");
+    assert_eq!(read_and_wait_for_fill(&pair.b, &pair.cb, &sql).await, "1");
+    let subscribed = shared(&pair.b).stats.subscriptions.load(Ordering::Relaxed);
+    for conn in &mut node_connections {
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+    pair.ca
+        .batch_execute(&format!("UPDATE {t} SET v = 2"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while scalar(&pair.cb, &sql).await != "2" {
+        assert!(Instant::now() < deadline, "B stale after losing the bus");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shared(&pair.b).stats.subscriptions.load(Ordering::Relaxed) == subscribed {
+        assert!(Instant::now() < deadline, "B never resubscribed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pair.ca
+        .batch_execute(&format!("UPDATE {t} SET v = 3"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while scalar(&pair.cb, &sql).await != "3" {
+        assert!(Instant::now() < deadline, "B stale after the bus came back");
+    }
+    pair.direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
 }
 
 /// Redis behind Sentinel: pgstash asks the sentinels for the master.
@@ -647,9 +723,9 @@ async fn two_pgstash_behind_redis_sentinel() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (a, _b) =
+    let pair =
         assert_two_instances_share(&sentinel.url(), "sentinel_master = \"pgstashmaster\"").await;
-    assert!(shared(&a).stats.bumps_sent.load(Ordering::Relaxed) >= 5);
+    assert!(shared(&pair.a).stats.bumps_sent.load(Ordering::Relaxed) >= 5);
 }
 
 /// The concurrent checker across two pgstash instances: writes through A,

@@ -46,42 +46,44 @@ pub fn spawn(shared: Arc<SharedTier>, generations: Weak<Generations>) {
     });
 }
 
+/// What the bus delivers: a channel name and a payload, or the end of the
+/// subscription.
+type Deliveries = std::pin::Pin<Box<dyn futures_util::Stream<Item = (Vec<u8>, Vec<u8>)> + Send>>;
+
 async fn subscribe_and_follow(
     shared: &Arc<SharedTier>,
     generations: &Weak<Generations>,
 ) -> Result<(), String> {
-    let url = shared.bus_url().await.map_err(|e| e.to_string())?;
-    let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
-    let mut pubsub =
-        tokio::time::timeout(shared.config().connect_timeout, client.get_async_pubsub())
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-    pubsub
-        .subscribe(&[shared.channel(), shared.fills_channel()])
+    let channels = [shared.channel(), shared.fills_channel()];
+    let subscribing = async {
+        if shared.config().cluster {
+            subscribe_sharded(shared, &channels).await
+        } else {
+            subscribe_plain(shared, &channels).await
+        }
+    };
+    let mut deliveries = tokio::time::timeout(shared.config().connect_timeout, subscribing)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| "subscribing timed out".to_string())??;
     resync(shared, generations).await?;
     shared.heard_now();
     shared.bus_healthy.store(true, Ordering::SeqCst);
+    shared.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
     let subscription = shared.presence.subscribed();
     scan_presence_in_background(shared, subscription);
-    let fills_channel = shared.fills_channel();
     tracing::info!("invalidation bus subscribed");
-    let mut messages = pubsub.on_message();
-    while let Some(message) = messages.next().await {
+    let fills_channel = channels[1].as_bytes();
+    while let Some((channel, payload)) = deliveries.next().await {
         let Some(generations) = generations.upgrade() else {
             return Ok(());
         };
-        if message.get_channel_name() == fills_channel {
-            shared.on_announcement(message.get_payload_bytes());
+        if channel == fills_channel {
+            shared.on_announcement(&payload);
             continue;
         }
-        let Ok(text) = message.get_payload::<String>() else {
-            shared.heard_now();
-            continue;
-        };
-        let Some((database, values, sent_at)) = parse_bump(&text) else {
+        let Some((database, values, sent_at)) =
+            std::str::from_utf8(&payload).ok().and_then(parse_bump)
+        else {
             // A heartbeat: every bump published before it has arrived.
             shared.heard_now();
             continue;
@@ -96,6 +98,83 @@ async fn subscribe_and_follow(
         crate::admin::metrics::bus_delay(Duration::from_micros(now.saturating_sub(sent_at) as u64));
     }
     Err("subscription closed".into())
+}
+
+/// SUBSCRIBE on one Redis (or the master the sentinels name).
+async fn subscribe_plain(shared: &SharedTier, channels: &[String]) -> Result<Deliveries, String> {
+    let url = shared.bus_url().await.map_err(|e| e.to_string())?;
+    let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+    let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+    pubsub
+        .subscribe(channels)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Box::pin(pubsub.into_on_message().map(|message| {
+        (
+            message.get_channel_name().as_bytes().to_vec(),
+            message.get_payload_bytes().to_vec(),
+        )
+    })))
+}
+
+/// SSUBSCRIBE on a cluster: both channels share a hash slot, so one
+/// master delivers them. The client library would resubscribe by itself
+/// after a reconnect, but messages published meanwhile are lost, so any
+/// disconnection or server-side unsubscribe (the slot moved) ends the
+/// subscription and the caller starts over with a resync.
+async fn subscribe_sharded(shared: &SharedTier, channels: &[String]) -> Result<Deliveries, String> {
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let client = redis::cluster::ClusterClientBuilder::new(shared.urls().to_vec())
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(sender)
+        .connection_timeout(shared.config().connect_timeout)
+        .response_timeout(shared.config().timeout)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut connection = client
+        .get_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    connection
+        .ssubscribe(channels)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pushes = stream_of(receiver);
+    Ok(Box::pin(
+        pushes
+            .take_while(|push| {
+                let lost = matches!(
+                    push.kind,
+                    redis::PushKind::Disconnection | redis::PushKind::SUnsubscribe
+                );
+                std::future::ready(!lost)
+            })
+            .filter_map(move |push| {
+                // Holding the connection keeps the subscription alive.
+                let _subscribed = &connection;
+                std::future::ready(sharded_message(push))
+            }),
+    ))
+}
+
+/// An `smessage` push as (channel, payload).
+fn sharded_message(push: redis::PushInfo) -> Option<(Vec<u8>, Vec<u8>)> {
+    if push.kind != redis::PushKind::SMessage {
+        return None;
+    }
+    let mut data = push.data.into_iter();
+    match (data.next(), data.next()) {
+        (Some(redis::Value::BulkString(channel)), Some(redis::Value::BulkString(payload))) => {
+            Some((channel, payload))
+        }
+        _ => None,
+    }
+}
+
+fn stream_of<T: Send + 'static>(
+    mut receiver: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
+    futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
 }
 
 /// Learns what is in Redis already, beside following the bus (whose

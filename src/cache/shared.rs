@@ -21,13 +21,21 @@ use super::presence::Presence;
 use crate::config::RedisConfig;
 
 /// INCR every generation key and announce the new values, in one round
-/// trip and atomically (all keys of one database share a hash slot).
+/// trip and atomically. ARGV[3] is the publish command: SPUBLISH on a
+/// cluster, whose shard channel shares the generation keys' hash slot.
 const BUMP_SCRIPT: &str = r"
 local out = {}
 for i, k in ipairs(KEYS) do out[i] = redis.call('INCR', k) end
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. '|' .. table.concat(out, ','))
+redis.call(ARGV[3], ARGV[1], ARGV[2] .. '|' .. table.concat(out, ','))
 return out
 ";
+
+/// The hash tag every generation key and both bus channels carry: on a
+/// cluster they live in one slot, so a bump's INCRs and its sharded
+/// publish run in one script on one master, and one shard subscription
+/// hears every bump and announcement. Results carry no tag and spread
+/// over every master.
+const BUS_TAG: &str = "{bus}";
 
 /// Stored values start with this; anything else in our key space is not
 /// ours and is never served.
@@ -109,6 +117,8 @@ pub struct SharedStats {
     pub skipped: AtomicU64,
     /// Entries other instances announced.
     pub announced: AtomicU64,
+    /// Times the bus was (re)subscribed and resynchronised.
+    pub subscriptions: AtomicU64,
 }
 
 pub struct SharedTier {
@@ -182,6 +192,11 @@ impl SharedTier {
         &self.config
     }
 
+    /// The configured Redis URLs (cluster nodes, sentinels, or one server).
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
     /// Where the invalidation channel is subscribed: the first URL (a
     /// PUBLISH in a cluster reaches every node), or the master the
     /// sentinels report.
@@ -236,9 +251,13 @@ impl SharedTier {
 
     /// Announces this instance on the bus.
     pub async fn heartbeat(&self) -> Result<(), SharedError> {
-        self.run::<i64>(redis::cmd("PUBLISH").arg(self.channel()).arg("hb"))
-            .await
-            .map(|_| ())
+        self.run::<i64>(
+            redis::cmd(self.publish_command())
+                .arg(self.channel())
+                .arg("hb"),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Records every entry in Redis under our prefix (single Redis or
@@ -293,7 +312,17 @@ impl SharedTier {
 
     /// Where stored entries are announced.
     pub fn fills_channel(&self) -> String {
-        format!("{}fills", self.config.prefix)
+        format!("{}{BUS_TAG}fills", self.config.prefix)
+    }
+
+    /// Pub/sub on one Redis; sharded pub/sub on a cluster, where a plain
+    /// PUBLISH would be broadcast to every node.
+    pub fn publish_command(&self) -> &'static str {
+        if self.config.cluster {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     /// Takes an announcement from the bus (other instances' only: this
@@ -311,7 +340,7 @@ impl SharedTier {
     }
 
     pub fn channel(&self) -> String {
-        format!("{}invalidate", self.config.prefix)
+        format!("{}{BUS_TAG}invalidate", self.config.prefix)
     }
 
     pub fn circuit_open(&self) -> bool {
@@ -435,10 +464,9 @@ impl SharedTier {
         }
     }
 
-    /// The generation key of a table; all of one database's keys share a
-    /// hash slot so the bump script can touch them together in a cluster.
+    /// The generation key of a table (in the bus's hash slot).
     pub fn generation_key(&self, database: u32, table: u32) -> String {
-        format!("{}{{gen:{database}}}:{table}", self.config.prefix)
+        format!("{}{BUS_TAG}gen:{database}:{table}", self.config.prefix)
     }
 
     /// Reads the authoritative generations of `tables` (0 if never bumped).
@@ -501,6 +529,7 @@ impl SharedTier {
             .map_or(0, |d| d.as_micros());
         invocation.arg(self.channel());
         invocation.arg(format!("{database}|{}|{sent_at}", tables_text.join(",")));
+        invocation.arg(self.publish_command());
         let started = Instant::now();
         let result = tokio::time::timeout(
             self.config.timeout * 4,
@@ -599,7 +628,7 @@ impl SharedTier {
                 .arg(put.ttl.as_millis().max(1) as u64);
             cmd
         };
-        let mut publish = redis::cmd("PUBLISH");
+        let mut publish = redis::cmd(self.publish_command());
         publish.arg(self.fills_channel()).arg(announcement);
         let started = Instant::now();
         let result = match &mut conn {
