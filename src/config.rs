@@ -418,6 +418,9 @@ pub struct RedisConfig {
     /// Entries announced on the bus that this instance remembers, so that
     /// a lookup of an entry nobody stored skips Redis; 0 always asks.
     pub presence_capacity: u64,
+    /// Results at least this large (bytes) are stored LZ4-compressed when
+    /// that makes them smaller; 0 never compresses.
+    pub compress_above: usize,
 }
 
 impl Default for RedisConfig {
@@ -436,6 +439,7 @@ impl Default for RedisConfig {
             degraded_ttl: Duration::from_secs(1),
             heartbeat: Duration::from_millis(50),
             presence_capacity: 500_000,
+            compress_above: 1024,
         }
     }
 }

@@ -287,6 +287,43 @@ async fn a_fill_through_one_pgstash_is_a_redis_hit_through_another() {
         .unwrap();
 }
 
+/// A large result is stored compressed and served whole through another
+/// instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_results_are_stored_compressed() {
+    let pair = Pair::start("redis://127.0.0.1:6379", "", "large", 7).await;
+    let sql = format!("SELECT repeat('pgstash ', 4000) || v FROM {}", pair.table);
+    let expected = format!("{}7", "pgstash ".repeat(4000));
+    assert_eq!(
+        read_and_wait_for_fill(&pair.a, &pair.ca, &sql).await,
+        expected
+    );
+    assert_eq!(scalar(&pair.cb, &sql).await, expected);
+    assert_eq!(shared(&pair.b).stats.hits.load(Ordering::Relaxed), 1);
+
+    let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:r:*", pair.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let stored: usize = redis::cmd("STRLEN")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        stored < 2_000,
+        "a 32 kB result took {stored} bytes in redis"
+    );
+    pair.direct
+        .batch_execute(&format!("DROP TABLE {}", pair.table))
+        .await
+        .unwrap();
+}
+
 /// A writes, B reads: B may be stale only until the bump reaches it; the
 /// delay from A's CommandComplete to B serving the new value is measured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,7 +471,7 @@ async fn corrupt_values_in_redis_are_never_served() {
             .unwrap();
         if let Some(value) = value {
             assert!(
-                pgstash::cache::shared::StoredResult::decode(&value).is_some(),
+                pgstash::cache::shared::StoredResult::decode(value.into()).is_some(),
                 "corrupt value left in redis"
             );
         }

@@ -37,10 +37,16 @@ return out
 /// over every master.
 const BUS_TAG: &str = "{bus}";
 
-/// Stored values start with this; anything else in our key space is not
-/// ours and is never served.
-const MAGIC: &[u8; 4] = b"PGS1";
-const HEADER_LEN: usize = 4 + 8 + 8 + 4;
+/// Stored values start with this (the last byte is the format version);
+/// anything else in our key space is not ours and is never served.
+const MAGIC: &[u8; 4] = b"PGS2";
+/// Magic, checksum, creation time, flags, row description length.
+const HEADER_LEN: usize = 4 + 8 + 8 + 1 + 4;
+/// Flag: the payload is LZ4 block data with its length prepended.
+const COMPRESSED: u8 = 1;
+/// A compressed payload claiming to expand beyond this is refused (the
+/// checksum already vouches for it; this bounds the allocation anyway).
+const MAX_EXPANDED: usize = 1 << 30;
 
 enum Connection {
     Single(MultiplexedConnection),
@@ -573,7 +579,7 @@ impl SharedTier {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
-        match StoredResult::decode_with_age(&value) {
+        match StoredResult::decode_with_age(Bytes::from(value)) {
             Some(found) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(found))
@@ -596,7 +602,7 @@ impl SharedTier {
         self.presence.insert(id, ttl);
         let put = PendingPut {
             key: self.entry_key(key, snapshot),
-            value: stored.encode(),
+            value: stored.encode(self.config.compress_above),
             id,
             ttl,
         };
@@ -713,57 +719,76 @@ pub struct StoredResult {
 }
 
 impl StoredResult {
-    /// `PGS1`, xxh3-64 checksum of the rest, creation time (µs), length of
-    /// the row description (u32::MAX for none), row description, payload.
-    pub fn encode(&self) -> Bytes {
+    /// `PGS2`, xxh3-64 checksum of the rest, creation time (µs), flags,
+    /// length of the row description (u32::MAX for none), row
+    /// description, payload (LZ4-compressed when it is at least
+    /// `compress_above` bytes, non-zero, and compression shrinks it).
+    pub fn encode(&self, compress_above: usize) -> Bytes {
         let rd = self.row_description.as_deref();
-        let mut body = BytesMut::with_capacity(16 + rd.map_or(0, <[u8]>::len) + self.payload.len());
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
-        body.put_u64(created);
-        body.put_u32(rd.map_or(u32::MAX, |r| r.len() as u32));
-        if let Some(rd) = rd {
-            body.put_slice(rd);
-        }
-        body.put_slice(&self.payload);
-        let mut out = BytesMut::with_capacity(HEADER_LEN + body.len());
+        let compressed = (compress_above > 0 && self.payload.len() >= compress_above)
+            .then(|| lz4_flex::compress_prepend_size(&self.payload))
+            .filter(|c| c.len() < self.payload.len());
+        let (flags, payload) = match &compressed {
+            Some(c) => (COMPRESSED, c.as_slice()),
+            None => (0, self.payload.as_ref()),
+        };
+        let mut out =
+            BytesMut::with_capacity(HEADER_LEN + rd.map_or(0, <[u8]>::len) + payload.len());
         out.put_slice(MAGIC);
-        out.put_u64(xxh3_64(&body));
-        out.put_slice(&body);
+        out.put_u64(0); // the checksum, once the rest is written
+        out.put_u64(now_micros());
+        out.put_u8(flags);
+        out.put_u32(rd.map_or(u32::MAX, |r| r.len() as u32));
+        if let Some(rd) = rd {
+            out.put_slice(rd);
+        }
+        out.put_slice(payload);
+        let checksum = xxh3_64(&out[12..]);
+        out[4..12].copy_from_slice(&checksum.to_be_bytes());
         out.freeze()
     }
 
-    pub fn decode(value: &[u8]) -> Option<StoredResult> {
+    pub fn decode(value: Bytes) -> Option<StoredResult> {
         Self::decode_with_age(value).map(|(stored, _)| stored)
     }
 
     /// Decodes a value and tells how long ago it was stored.
-    pub fn decode_with_age(value: &[u8]) -> Option<(StoredResult, Duration)> {
+    pub fn decode_with_age(value: Bytes) -> Option<(StoredResult, Duration)> {
         if value.len() < HEADER_LEN || &value[..4] != MAGIC {
             return None;
         }
         let checksum = u64::from_be_bytes(value[4..12].try_into().ok()?);
-        let body = &value[12..];
-        if xxh3_64(body) != checksum {
+        if xxh3_64(&value[12..]) != checksum {
             return None;
         }
-        let rd_len = u32::from_be_bytes(body[8..12].try_into().ok()?);
-        let rest = &body[12..];
-        let (row_description, payload) = if rd_len == u32::MAX {
-            (None, rest)
+        let created = u64::from_be_bytes(value[12..20].try_into().ok()?);
+        let flags = value[20];
+        let rd_len = u32::from_be_bytes(value[21..25].try_into().ok()?);
+        let mut rest = value.slice(HEADER_LEN..);
+        let row_description = if rd_len == u32::MAX {
+            None
         } else {
             let n = rd_len as usize;
             if n > rest.len() {
                 return None;
             }
-            (Some(Bytes::copy_from_slice(&rest[..n])), &rest[n..])
+            Some(rest.split_to(n))
         };
-        let created = u64::from_be_bytes(body[..8].try_into().ok()?);
+        let payload = match flags {
+            0 => rest,
+            COMPRESSED => {
+                let claimed = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+                if claimed > MAX_EXPANDED {
+                    return None;
+                }
+                Bytes::from(lz4_flex::decompress_size_prepended(&rest).ok()?)
+            }
+            _ => return None,
+        };
         let age = Duration::from_micros(now_micros().saturating_sub(created));
         Some((
             StoredResult {
-                payload: Bytes::copy_from_slice(payload),
+                payload,
                 row_description,
             },
             age,
@@ -804,20 +829,63 @@ pub fn parse_bump(message: &str) -> Option<Bump> {
 mod tests {
     use super::*;
 
+    fn decode(value: &[u8]) -> Option<StoredResult> {
+        StoredResult::decode(Bytes::copy_from_slice(value))
+    }
+
     #[test]
     fn stored_results_round_trip_and_corruption_is_caught() {
         let stored = StoredResult {
             payload: Bytes::from_static(b"D\0\0\0\x06\0\0C\0\0\0\x0bSELECT 1\0"),
             row_description: Some(Bytes::from_static(b"T\0\0\0\x06\0\0")),
         };
-        let encoded = stored.encode();
-        assert_eq!(StoredResult::decode(&encoded), Some(stored));
+        let encoded = stored.encode(1024);
+        assert_eq!(encoded[20], 0, "small payloads are stored as they are");
+        assert_eq!(decode(&encoded), Some(stored));
         let mut corrupt = encoded.to_vec();
         let last = corrupt.len() - 1;
         corrupt[last] ^= 1;
-        assert_eq!(StoredResult::decode(&corrupt), None);
-        assert_eq!(StoredResult::decode(&encoded[..encoded.len() - 3]), None);
-        assert_eq!(StoredResult::decode(b"hello world, not ours at all"), None);
+        assert_eq!(decode(&corrupt), None);
+        assert_eq!(decode(&encoded[..encoded.len() - 3]), None);
+        assert_eq!(decode(b"hello world, not ours at all"), None);
+    }
+
+    #[test]
+    fn large_payloads_are_compressed_when_that_shrinks_them() {
+        let rows: Vec<u8> = (0..200u32)
+            .flat_map(|i| format!("D\0\0\0\x1a\0\x01\0\0\0\x10account {i:08}").into_bytes())
+            .collect();
+        let stored = StoredResult {
+            payload: Bytes::from(rows),
+            row_description: None,
+        };
+        let encoded = stored.encode(1024);
+        assert_eq!(encoded[20], COMPRESSED);
+        assert!(
+            encoded.len() < stored.payload.len() / 2,
+            "{} bytes",
+            encoded.len()
+        );
+        assert_eq!(decode(&encoded), Some(stored.clone()));
+        assert_eq!(stored.encode(0)[20], 0, "0 never compresses");
+
+        // Incompressible bytes are kept as they are.
+        let noise: Vec<u8> = (0..512u32)
+            .flat_map(|i| xxh3_64(&i.to_be_bytes()).to_be_bytes())
+            .collect();
+        let noisy = StoredResult {
+            payload: Bytes::from(noise),
+            row_description: None,
+        };
+        assert_eq!(noisy.encode(1024)[20], 0);
+
+        // A compressed payload that fails to expand is refused even with a
+        // matching checksum.
+        let mut forged = encoded.to_vec();
+        forged.truncate(forged.len() - 5);
+        let checksum = xxh3_64(&forged[12..]);
+        forged[4..12].copy_from_slice(&checksum.to_be_bytes());
+        assert_eq!(decode(&forged), None);
     }
 
     #[test]
