@@ -1006,3 +1006,65 @@ async fn redis_over_tls() {
     std::env::set_var("SSL_CERT_FILE", path("ca.crt"));
     assert_two_instances_share(&format!("rediss://127.0.0.1:{port}"), "").await;
 }
+
+/// Lookups made at the same moment go to Redis as one MGET, each gets its
+/// own value, and a lookup whose client left before its batch went out
+/// does not strand the others.
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_lookups_share_one_round_trip() {
+    use bytes::Bytes;
+    use pgstash::cache::generations::Snapshot;
+    use pgstash::cache::shared::StoredResult;
+    use pgstash::config::RedisConfig;
+
+    let tier = SharedTier::new(RedisConfig {
+        url: "redis://127.0.0.1:6379".into(),
+        prefix: format!("{}:", unique("pgstash_test")),
+        timeout: Duration::from_millis(500),
+        ..RedisConfig::default()
+    });
+    let snapshot = Snapshot {
+        database: 1,
+        epoch: 0,
+        tables: vec![(42, 7)].into_boxed_slice(),
+    };
+    let result = |i: u128| StoredResult {
+        payload: Bytes::from(format!("row {i}")),
+        row_description: None,
+    };
+    for i in 0..20u128 {
+        tier.put(i, &snapshot, &result(i), Duration::from_secs(60));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tier.stats.stored.load(Ordering::Relaxed) < 20 {
+        assert!(Instant::now() < deadline, "stores never reached redis");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let batches = tier.stats.lookup_batches.load(Ordering::Relaxed);
+    let lookups = (0..21u128).map(|i| tier.get(i, &snapshot));
+    let found = futures_util::future::join_all(lookups).await;
+    for (i, found) in found.into_iter().enumerate() {
+        let found = found.expect("lookup").map(|(stored, _)| stored);
+        let expected = (i < 20).then(|| result(i as u128));
+        assert_eq!(found, expected, "lookup {i}");
+    }
+    assert_eq!(
+        tier.stats.lookup_batches.load(Ordering::Relaxed),
+        batches + 1,
+        "21 concurrent lookups should share one MGET"
+    );
+
+    // The first lookup leads its batch; dropped before sending it, it
+    // leaves the batch to a task, and the second lookup is still answered.
+    let mut leader = Box::pin(tier.get(0, &snapshot));
+    assert!(futures_util::poll!(&mut leader).is_pending());
+    let mut follower = Box::pin(tier.get(1, &snapshot));
+    assert!(futures_util::poll!(&mut follower).is_pending());
+    drop(leader);
+    let answered = tokio::time::timeout(Duration::from_secs(2), follower)
+        .await
+        .expect("the follower was stranded")
+        .expect("lookup");
+    assert_eq!(answered.map(|(stored, _)| stored), Some(result(1)));
+}

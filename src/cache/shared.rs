@@ -100,6 +100,9 @@ pub enum SharedError {
     Redis(#[from] redis::RedisError),
     #[error("malformed reply from redis")]
     Reply,
+    /// The batch this lookup went out in failed.
+    #[error("{0}")]
+    Batch(String),
 }
 
 #[derive(Default)]
@@ -125,6 +128,8 @@ pub struct SharedStats {
     pub announced: AtomicU64,
     /// Times the bus was (re)subscribed and resynchronised.
     pub subscriptions: AtomicU64,
+    /// MGETs that carried lookups (each may carry many).
+    pub lookup_batches: AtomicU64,
 }
 
 pub struct SharedTier {
@@ -148,6 +153,33 @@ pub struct SharedTier {
     pub presence: Presence,
     /// Tells this instance's announcements from the others'.
     instance: [u8; 8],
+    /// Lookups waiting to go out together (single Redis or Sentinel).
+    lookups: Mutex<Vec<PendingLookup>>,
+}
+
+type LookupReply = Result<Option<Vec<u8>>, SharedError>;
+
+/// One GET waiting for its batch.
+struct PendingLookup {
+    key: String,
+    reply: tokio::sync::oneshot::Sender<LookupReply>,
+}
+
+/// The lookup that found the queue empty sends the batch; if it is
+/// dropped first (its client left), the batch is sent from a task of its
+/// own so the others are not left waiting.
+struct BatchLeader<'a> {
+    tier: &'a Arc<SharedTier>,
+    sent: bool,
+}
+
+impl Drop for BatchLeader<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            let tier = self.tier.clone();
+            tokio::spawn(async move { tier.send_lookups().await });
+        }
+    }
 }
 
 /// One SET waiting to be sent.
@@ -178,6 +210,7 @@ impl SharedTier {
             pending_puts: runtime.is_some().then_some(sender),
             presence: Presence::new(config.presence_capacity),
             instance: rand::random(),
+            lookups: Mutex::new(Vec::new()),
             config,
             urls,
             connection: Mutex::new(None),
@@ -565,7 +598,7 @@ impl SharedTier {
     }
 
     pub async fn get(
-        &self,
+        self: &Arc<Self>,
         key: u128,
         snapshot: &Snapshot,
     ) -> Result<Option<(StoredResult, Duration)>, SharedError> {
@@ -574,7 +607,11 @@ impl SharedTier {
             return Ok(None);
         }
         let redis_key = self.entry_key(key, snapshot);
-        let value: Option<Vec<u8>> = self.run(redis::cmd("GET").arg(&redis_key)).await?;
+        let value = if self.config.cluster {
+            self.run(redis::cmd("GET").arg(&redis_key)).await?
+        } else {
+            self.get_batched(redis_key.clone()).await?
+        };
         let Some(value) = value else {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
@@ -591,6 +628,64 @@ impl SharedTier {
                 crate::admin::metrics::redis_corrupt();
                 let _ = self.run::<i64>(redis::cmd("DEL").arg(&redis_key)).await;
                 Ok(None)
+            }
+        }
+    }
+
+    /// A GET that goes out with the others queued at the same moment, as
+    /// one MGET: concurrent sessions' lookups then cost Redis and this
+    /// process one read and one write each way instead of one per lookup.
+    /// The first lookup into an empty queue lets the sessions that are
+    /// ready run first (one yield, no timer), then sends what has queued.
+    async fn get_batched(self: &Arc<Self>, key: String) -> LookupReply {
+        if self.circuit_open() {
+            return Err(SharedError::CircuitOpen);
+        }
+        let (reply, replied) = tokio::sync::oneshot::channel();
+        let leads = {
+            let mut lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+            lookups.push(PendingLookup { key, reply });
+            lookups.len() == 1
+        };
+        if leads {
+            let mut leader = BatchLeader {
+                tier: self,
+                sent: false,
+            };
+            tokio::task::yield_now().await;
+            leader.sent = true;
+            self.send_lookups().await;
+        }
+        replied.await.unwrap_or(Err(SharedError::Reply))
+    }
+
+    /// Sends every queued lookup as one MGET and hands out the values.
+    async fn send_lookups(&self) {
+        let batch = std::mem::take(&mut *self.lookups.lock().unwrap_or_else(|e| e.into_inner()));
+        if batch.is_empty() {
+            return;
+        }
+        self.stats.lookup_batches.fetch_add(1, Ordering::Relaxed);
+        let mut mget = redis::cmd("MGET");
+        for lookup in &batch {
+            mget.arg(&lookup.key);
+        }
+        match self.run::<Vec<Option<Vec<u8>>>>(&mget).await {
+            Ok(values) if values.len() == batch.len() => {
+                for (lookup, value) in batch.into_iter().zip(values) {
+                    let _ = lookup.reply.send(Ok(value));
+                }
+            }
+            Ok(_) => {
+                for lookup in batch {
+                    let _ = lookup.reply.send(Err(SharedError::Reply));
+                }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                for lookup in batch {
+                    let _ = lookup.reply.send(Err(SharedError::Batch(reason.clone())));
+                }
             }
         }
     }
