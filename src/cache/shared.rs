@@ -182,12 +182,19 @@ impl Drop for BatchLeader<'_> {
     }
 }
 
-/// One SET waiting to be sent.
+/// One SET waiting to be sent. Its key and value are built by the
+/// write-behind task, off the path of the client whose query filled it.
 struct PendingPut {
-    key: String,
-    value: Bytes,
-    id: u128,
+    key: u128,
+    generations: u64,
+    stored: StoredResult,
     ttl: Duration,
+}
+
+impl PendingPut {
+    fn id(&self) -> u128 {
+        self.key ^ u128::from(self.generations)
+    }
 }
 
 /// Stores queued beyond this are dropped (a lost store is only a miss for
@@ -365,7 +372,7 @@ impl SharedTier {
     }
 
     /// Takes an announcement from the bus (other instances' only: this
-    /// one's entries are recorded as they are queued).
+    /// one's entries are recorded once Redis has acknowledged them).
     pub fn on_announcement(&self, payload: &[u8]) {
         if payload.starts_with(&self.instance) {
             return;
@@ -585,11 +592,11 @@ impl SharedTier {
     /// Where a result filled under `snapshot` lives in Redis: a bump of any
     /// generation in it makes the key unreachable.
     pub fn entry_key(&self, key: u128, snapshot: &Snapshot) -> String {
-        format!(
-            "{}r:{key:032x}:{:016x}",
-            self.config.prefix,
-            generations_hash(snapshot)
-        )
+        self.entry_key_of(key, generations_hash(snapshot))
+    }
+
+    fn entry_key_of(&self, key: u128, generations: u64) -> String {
+        format!("{}r:{key:032x}:{generations:016x}", self.config.prefix)
     }
 
     /// The entry's identity in announcements: its key and generations.
@@ -693,12 +700,10 @@ impl SharedTier {
     /// Stores a result under the generations it was filled with; sent by
     /// the write-behind task.
     pub fn put(&self, key: u128, snapshot: &Snapshot, stored: &StoredResult, ttl: Duration) {
-        let id = Self::entry_id(key, snapshot);
-        self.presence.insert(id, ttl);
         let put = PendingPut {
-            key: self.entry_key(key, snapshot),
-            value: stored.encode(self.config.compress_above),
-            id,
+            key,
+            generations: generations_hash(snapshot),
+            stored: stored.clone(),
             ttl,
         };
         if let Some(sender) = &self.pending_puts {
@@ -718,13 +723,13 @@ impl SharedTier {
         };
         let count = batch.len() as u64;
         // Announced after the stores, so whoever hears of an entry finds it.
-        let records: Vec<(u128, Duration)> = batch.iter().map(|p| (p.id, p.ttl)).collect();
+        let records: Vec<(u128, Duration)> = batch.iter().map(|p| (p.id(), p.ttl)).collect();
         let mut announcement = self.instance.to_vec();
         announcement.extend_from_slice(&Presence::encode(&records));
         let set = |put: PendingPut| {
             let mut cmd = redis::cmd("SET");
-            cmd.arg(put.key)
-                .arg(put.value.as_ref())
+            cmd.arg(self.entry_key_of(put.key, put.generations))
+                .arg(put.stored.encode(self.config.compress_above).as_ref())
                 .arg("PX")
                 .arg(put.ttl.as_millis().max(1) as u64);
             cmd
@@ -760,6 +765,10 @@ impl SharedTier {
         };
         crate::admin::metrics::redis_latency(started.elapsed());
         if self.finish(result).is_ok() {
+            // This instance's own lookups find its entries from now on.
+            for (id, ttl) in records {
+                self.presence.insert(id, ttl);
+            }
             self.stats.stored.fetch_add(count, Ordering::Relaxed);
         }
     }
