@@ -418,8 +418,8 @@ pub struct RedisConfig {
     /// Entries announced on the bus that this instance remembers, so that
     /// a lookup of an entry nobody stored skips Redis; 0 always asks.
     pub presence_capacity: u64,
-    /// Results at least this large (bytes) are stored LZ4-compressed when
-    /// that makes them smaller; 0 never compresses.
+    /// Results at least this large (bytes, and at most 64 MiB) are stored
+    /// LZ4-compressed when that makes them smaller; 0 never compresses.
     pub compress_above: usize,
 }
 

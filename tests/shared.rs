@@ -80,6 +80,20 @@ async fn wait_for_bus(proxy: &TestProxy) {
     }
 }
 
+/// Sets `v` of `table` through `writer`, then expects `reader` to read the
+/// new value within half a second (`stale`: what it means if it does not).
+async fn write_then_read(writer: &Client, reader: &Client, table: &str, v: i32, stale: &str) {
+    writer
+        .batch_execute(&format!("UPDATE {table} SET v = {v}"))
+        .await
+        .unwrap();
+    let sql = format!("SELECT v FROM {table}");
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while scalar(reader, &sql).await != v.to_string() {
+        assert!(Instant::now() < deadline, "{stale}");
+    }
+}
+
 /// Two pgstash instances sharing one Redis key prefix on `url`, a fresh
 /// table `(v int)` holding `value`, and a client on each.
 struct Pair {
@@ -573,24 +587,9 @@ async fn losing_the_bus_stops_local_hits_until_it_is_back() {
         .unwrap();
     // Until B resubscribes it may not trust its local tier; either way a
     // write through A must be visible through B at once.
-    ca.batch_execute(&format!("UPDATE {t} SET v = 2"))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_millis(500);
-    while scalar(&cb, &sql).await != "2" {
-        assert!(
-            Instant::now() < deadline,
-            "B stayed stale after losing the bus"
-        );
-    }
+    write_then_read(&ca, &cb, &t, 2, "B stayed stale after losing the bus").await;
     wait_for_bus(&b).await;
-    ca.batch_execute(&format!("UPDATE {t} SET v = 3"))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_millis(500);
-    while scalar(&cb, &sql).await != "3" {
-        assert!(Instant::now() < deadline, "B stale after the bus came back");
-    }
+    write_then_read(&ca, &cb, &t, 3, "B stale after the bus came back").await;
     direct
         .batch_execute(&format!("DROP TABLE {t}"))
         .await
@@ -688,27 +687,13 @@ async fn two_pgstash_on_a_redis_cluster() {
             .await
             .unwrap();
     }
-    pair.ca
-        .batch_execute(&format!("UPDATE {t} SET v = 2"))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_millis(500);
-    while scalar(&pair.cb, &sql).await != "2" {
-        assert!(Instant::now() < deadline, "B stale after losing the bus");
-    }
+    write_then_read(&pair.ca, &pair.cb, &t, 2, "B stale after losing the bus").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while shared(&pair.b).stats.subscriptions.load(Ordering::Relaxed) == subscribed {
         assert!(Instant::now() < deadline, "B never resubscribed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    pair.ca
-        .batch_execute(&format!("UPDATE {t} SET v = 3"))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_millis(500);
-    while scalar(&pair.cb, &sql).await != "3" {
-        assert!(Instant::now() < deadline, "B stale after the bus came back");
-    }
+    write_then_read(&pair.ca, &pair.cb, &t, 3, "B stale after the bus came back").await;
     pair.direct
         .batch_execute(&format!("DROP TABLE {t}"))
         .await

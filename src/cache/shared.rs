@@ -44,9 +44,11 @@ const MAGIC: &[u8; 4] = b"PGS2";
 const HEADER_LEN: usize = 4 + 8 + 8 + 1 + 4;
 /// Flag: the payload is LZ4 block data with its length prepended.
 const COMPRESSED: u8 = 1;
-/// A compressed payload claiming to expand beyond this is refused (the
-/// checksum already vouches for it; this bounds the allocation anyway).
-const MAX_EXPANDED: usize = 1 << 30;
+/// Larger payloads are stored as they are, and a compressed payload
+/// claiming to expand beyond this is refused: a value that passes the
+/// checksum (which guards against corruption, not forgery) still cannot
+/// make this process allocate more.
+const MAX_EXPANDED: usize = 64 << 20;
 
 enum Connection {
     Single(MultiplexedConnection),
@@ -175,9 +177,13 @@ struct BatchLeader<'a> {
 
 impl Drop for BatchLeader<'_> {
     fn drop(&mut self) {
-        if !self.sent {
+        if self.sent {
+            return;
+        }
+        // Without a runtime (it is shutting down) nobody is left waiting.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let tier = self.tier.clone();
-            tokio::spawn(async move { tier.send_lookups().await });
+            runtime.spawn(async move { tier.send_lookups().await });
         }
     }
 }
@@ -829,7 +835,8 @@ impl StoredResult {
     /// `compress_above` bytes, non-zero, and compression shrinks it).
     pub fn encode(&self, compress_above: usize) -> Bytes {
         let rd = self.row_description.as_deref();
-        let compressed = (compress_above > 0 && self.payload.len() >= compress_above)
+        let compressible = (compress_above.max(1)..=MAX_EXPANDED).contains(&self.payload.len());
+        let compressed = (compress_above > 0 && compressible)
             .then(|| lz4_flex::compress_prepend_size(&self.payload))
             .filter(|c| c.len() < self.payload.len());
         let (flags, payload) = match &compressed {
