@@ -180,6 +180,12 @@ if [[ $uses_redis == 1 && $(rcli PING 2>/dev/null) != PONG ]]; then
     echo "compare.sh: Redis does not answer at $REDIS_URL (set REDIS_URL, or leave the Redis targets out of TARGETS)" >&2
     exit 1
 fi
+# What else Redis holds shapes what a store costs (a large keyspace makes
+# every SET dearer, and growing it rehashes), so the report states it.
+redis_before=
+if [[ $uses_redis == 1 ]]; then
+    redis_before="Redis held $(rcli DBSIZE) keys ($(rcli INFO memory | tr -d '\r' | awk -F: '$1 == "used_memory_human" { print $2 }')) before the run"
+fi
 
 # Single-client rows measure latency: one client, one thread.
 is_single() { [[ $1 == single* ]]; }
@@ -630,6 +636,7 @@ versions="PostgreSQL $(psql -X -At -h "$UP_HOST" -p "$UP_PORT" -U postgres -d "$
 [[ $uses_bouncer == 1 ]] && versions+=", $("$bouncer_bin" --version | head -1)"
 [[ $uses_redis == 1 ]] && versions+=", Redis $(rcli INFO server | tr -d '\r' | awk -F: '$1 == "redis_version" { print $2 }')"
 echo "$versions, pgstash $(./target/release/pgstash --version | awk '{ print $2 }')"
+[[ -n $redis_before ]] && echo "$redis_before"
 echo "scale $SCALE ($ACCOUNTS accounts), $CLIENTS clients, $JOBS threads, ${DURATION}s per run, pool size $POOL_SIZE, median of $ROUNDS round(s)"
 echo "warm-up sweep $([[ $WARMUP != 0 ]] && echo on || echo off) (on, redis-only, local+redis), default_ttl 1h, local capacity $CACHE_BYTES bytes (redis-only: 0); miss-*: default_ttl $MISS_TTL"
 echo
