@@ -511,6 +511,14 @@ impl Config {
                 self.redis.on_failure
             ));
         }
+        if self.redis.cluster && self.redis.prefix.contains(['{', '}']) {
+            // A hash tag in the prefix would pull every key into one slot
+            // and break the bus's own tag.
+            return invalid(format!(
+                "redis.prefix = {:?}: no braces with cluster = true",
+                self.redis.prefix
+            ));
+        }
         if self.pool.size == 0 {
             return invalid("pool.size must be at least 1".into());
         }

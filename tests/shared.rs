@@ -678,6 +678,7 @@ async fn two_pgstash_on_a_redis_cluster() {
     let sql = format!("SELECT v FROM {t}");
     assert_eq!(read_and_wait_for_fill(&pair.b, &pair.cb, &sql).await, "1");
     let subscribed = shared(&pair.b).stats.subscriptions.load(Ordering::Relaxed);
+    assert_eq!(subscribed, 1, "B's shard subscription restarted by itself");
     for conn in &mut node_connections {
         let _: i64 = redis::cmd("CLIENT")
             .arg("KILL")

@@ -55,11 +55,16 @@ async fn subscribe_and_follow(
     generations: &Weak<Generations>,
 ) -> Result<(), String> {
     let channels = [shared.channel(), shared.fills_channel()];
+    // Found before the clock starts: asking the sentinels has a timeout
+    // per sentinel of its own.
+    let url = match shared.config().cluster {
+        true => None,
+        false => Some(shared.bus_url().await.map_err(|e| e.to_string())?),
+    };
     let subscribing = async {
-        if shared.config().cluster {
-            subscribe_sharded(shared, &channels).await
-        } else {
-            subscribe_plain(shared, &channels).await
+        match url {
+            None => subscribe_sharded(shared, &channels).await,
+            Some(url) => subscribe_plain(&url, &channels).await,
         }
     };
     let mut deliveries = tokio::time::timeout(shared.config().connect_timeout, subscribing)
@@ -73,7 +78,16 @@ async fn subscribe_and_follow(
     scan_presence_in_background(shared, subscription);
     tracing::info!("invalidation bus subscribed");
     let fills_channel = channels[1].as_bytes();
-    while let Some((channel, payload)) = deliveries.next().await {
+    // Every instance's heartbeats arrive several times a second: silence
+    // this long means a connection that died without closing, which
+    // nothing else would notice.
+    let silence = (shared.config().heartbeat * 20).max(Duration::from_secs(1));
+    loop {
+        let (channel, payload) = match tokio::time::timeout(silence, deliveries.next()).await {
+            Ok(Some(delivery)) => delivery,
+            Ok(None) => return Err("subscription closed".into()),
+            Err(_) => return Err(format!("nothing heard on the bus for {silence:?}")),
+        };
         let Some(generations) = generations.upgrade() else {
             return Ok(());
         };
@@ -97,13 +111,11 @@ async fn subscribe_and_follow(
             .map_or(0, |d| d.as_micros());
         crate::admin::metrics::bus_delay(Duration::from_micros(now.saturating_sub(sent_at) as u64));
     }
-    Err("subscription closed".into())
 }
 
 /// SUBSCRIBE on one Redis (or the master the sentinels name).
-async fn subscribe_plain(shared: &SharedTier, channels: &[String]) -> Result<Deliveries, String> {
-    let url = shared.bus_url().await.map_err(|e| e.to_string())?;
-    let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+async fn subscribe_plain(url: &str, channels: &[String]) -> Result<Deliveries, String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
     let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
     pubsub
         .subscribe(channels)
@@ -118,10 +130,12 @@ async fn subscribe_plain(shared: &SharedTier, channels: &[String]) -> Result<Del
 }
 
 /// SSUBSCRIBE on a cluster: both channels share a hash slot, so one
-/// master delivers them. The client library would resubscribe by itself
-/// after a reconnect, but messages published meanwhile are lost, so any
-/// disconnection or server-side unsubscribe (the slot moved) ends the
-/// subscription and the caller starts over with a resync.
+/// master delivers them. The client library resubscribes by itself after
+/// a reconnect, but messages published meanwhile are lost; so a
+/// disconnection, a server-side unsubscribe (the slot moved) or any
+/// subscription confirmation beyond the first ones (the library
+/// resubscribed) ends the subscription, and the caller starts over with
+/// a resync.
 async fn subscribe_sharded(shared: &SharedTier, channels: &[String]) -> Result<Deliveries, String> {
     let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
     let client = redis::cluster::ClusterClientBuilder::new(shared.urls().to_vec())
@@ -139,22 +153,31 @@ async fn subscribe_sharded(shared: &SharedTier, channels: &[String]) -> Result<D
         .ssubscribe(channels)
         .await
         .map_err(|e| e.to_string())?;
-    let pushes = stream_of(receiver);
-    Ok(Box::pin(
-        pushes
-            .take_while(|push| {
-                let lost = matches!(
-                    push.kind,
-                    redis::PushKind::Disconnection | redis::PushKind::SUnsubscribe
-                );
-                std::future::ready(!lost)
-            })
-            .filter_map(move |push| {
-                // Holding the connection keeps the subscription alive.
-                let _subscribed = &connection;
-                std::future::ready(sharded_message(push))
-            }),
-    ))
+    // The library copies every confirmation to the push channel, though
+    // perhaps only after `ssubscribe` has returned.
+    let confirmations = channels.len();
+    // The connection is carried along: dropping it ends the subscription.
+    let state = (receiver, connection, confirmations);
+    Ok(Box::pin(futures_util::stream::unfold(
+        state,
+        |(mut receiver, connection, mut confirmations)| async move {
+            loop {
+                let push = receiver.recv().await?;
+                match push.kind {
+                    redis::PushKind::SMessage => {
+                        if let Some(message) = sharded_message(push) {
+                            return Some((message, (receiver, connection, confirmations)));
+                        }
+                    }
+                    redis::PushKind::SSubscribe if confirmations > 0 => confirmations -= 1,
+                    redis::PushKind::SSubscribe
+                    | redis::PushKind::SUnsubscribe
+                    | redis::PushKind::Disconnection => return None,
+                    _ => {}
+                }
+            }
+        },
+    )))
 }
 
 /// An `smessage` push as (channel, payload).
@@ -169,12 +192,6 @@ fn sharded_message(push: redis::PushInfo) -> Option<(Vec<u8>, Vec<u8>)> {
         }
         _ => None,
     }
-}
-
-fn stream_of<T: Send + 'static>(
-    mut receiver: tokio::sync::mpsc::UnboundedReceiver<T>,
-) -> impl futures_util::Stream<Item = T> + Send {
-    futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
 }
 
 /// Learns what is in Redis already, beside following the bus (whose

@@ -30,16 +30,20 @@ redis.call(ARGV[3], ARGV[1], ARGV[2] .. '|' .. table.concat(out, ','))
 return out
 ";
 
-/// The hash tag every generation key and both bus channels carry: on a
-/// cluster they live in one slot, so a bump's INCRs and its sharded
+/// On a cluster, the hash tag every generation key and both bus channels
+/// carry: they live in one slot, so a bump's INCRs and its sharded
 /// publish run in one script on one master, and one shard subscription
 /// hears every bump and announcement. Results carry no tag and spread
-/// over every master.
+/// over every master. A single Redis (or Sentinel) keeps the layout it
+/// has always had.
 const BUS_TAG: &str = "{bus}";
 
 /// Stored values start with this (the last byte is the format version);
 /// anything else in our key space is not ours and is never served.
 const MAGIC: &[u8; 4] = b"PGS2";
+/// The previous format (no flags byte, never compressed): still read, so
+/// instances of both versions can share a Redis during an upgrade.
+const MAGIC_V1: &[u8; 4] = b"PGS1";
 /// Magic, checksum, creation time, flags, row description length.
 const HEADER_LEN: usize = 4 + 8 + 8 + 1 + 4;
 /// Flag: the payload is LZ4 block data with its length prepended.
@@ -180,10 +184,16 @@ impl Drop for BatchLeader<'_> {
         if self.sent {
             return;
         }
-        // Without a runtime (it is shutting down) nobody is left waiting.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let tier = self.tier.clone();
-            runtime.spawn(async move { tier.send_lookups().await });
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let tier = self.tier.clone();
+                runtime.spawn(async move { tier.send_lookups().await });
+            }
+            // No runtime to send from: the waiting lookups are answered
+            // (with an error, so they miss) rather than left queued.
+            Err(_) => drop(std::mem::take(
+                &mut *self.tier.lookups.lock().unwrap_or_else(|e| e.into_inner()),
+            )),
         }
     }
 }
@@ -195,6 +205,9 @@ struct PendingPut {
     generations: u64,
     stored: StoredResult,
     ttl: Duration,
+    /// When the result was filled (µs since the epoch): its age counts
+    /// from here, not from when the batch went out.
+    filled_at: u64,
 }
 
 impl PendingPut {
@@ -249,8 +262,7 @@ impl SharedTier {
         &self.urls
     }
 
-    /// Where the invalidation channel is subscribed: the first URL (a
-    /// PUBLISH in a cluster reaches every node), or the master the
+    /// Where a single Redis is reached: the URL, or the master the
     /// sentinels report.
     pub async fn bus_url(&self) -> Result<String, SharedError> {
         if self.config.sentinel_master.is_empty() {
@@ -364,7 +376,7 @@ impl SharedTier {
 
     /// Where stored entries are announced.
     pub fn fills_channel(&self) -> String {
-        format!("{}{BUS_TAG}fills", self.config.prefix)
+        format!("{}{}fills", self.config.prefix, self.bus_tag())
     }
 
     /// Pub/sub on one Redis; sharded pub/sub on a cluster, where a plain
@@ -392,7 +404,7 @@ impl SharedTier {
     }
 
     pub fn channel(&self) -> String {
-        format!("{}{BUS_TAG}invalidate", self.config.prefix)
+        format!("{}{}invalidate", self.config.prefix, self.bus_tag())
     }
 
     pub fn circuit_open(&self) -> bool {
@@ -516,9 +528,23 @@ impl SharedTier {
         }
     }
 
-    /// The generation key of a table (in the bus's hash slot).
+    /// The generation key of a table: in the bus's hash slot on a
+    /// cluster; elsewhere one database's keys share a tag as they always
+    /// have.
     pub fn generation_key(&self, database: u32, table: u32) -> String {
-        format!("{}{BUS_TAG}gen:{database}:{table}", self.config.prefix)
+        if self.config.cluster {
+            format!("{}{BUS_TAG}gen:{database}:{table}", self.config.prefix)
+        } else {
+            format!("{}{{gen:{database}}}:{table}", self.config.prefix)
+        }
+    }
+
+    fn bus_tag(&self) -> &'static str {
+        if self.config.cluster {
+            BUS_TAG
+        } else {
+            ""
+        }
     }
 
     /// Reads the authoritative generations of `tables` (0 if never bumped).
@@ -543,6 +569,11 @@ impl SharedTier {
 
     /// Moves the generations of `tables` in Redis and announces them.
     pub async fn bump(&self, database: u32, tables: &[u32]) -> Result<Vec<u64>, SharedError> {
+        if tables.is_empty() {
+            // Nothing to move; on a cluster a script without keys would
+            // not even know which master to run on.
+            return Ok(Vec::new());
+        }
         // A lost bump leaves entries in Redis reachable under generations
         // that are no longer true, for every instance: try harder than for
         // a lookup, which may simply miss.
@@ -711,6 +742,7 @@ impl SharedTier {
             generations: generations_hash(snapshot),
             stored: stored.clone(),
             ttl,
+            filled_at: now_micros(),
         };
         if let Some(sender) = &self.pending_puts {
             if sender.try_send(put).is_err() {
@@ -735,28 +767,33 @@ impl SharedTier {
         let set = |put: PendingPut| {
             let mut cmd = redis::cmd("SET");
             cmd.arg(self.entry_key_of(put.key, put.generations))
-                .arg(put.stored.encode(self.config.compress_above).as_ref())
+                .arg(
+                    put.stored
+                        .encode(self.config.compress_above, put.filled_at)
+                        .as_ref(),
+                )
                 .arg("PX")
                 .arg(put.ttl.as_millis().max(1) as u64);
             cmd
         };
         let mut publish = redis::cmd(self.publish_command());
         publish.arg(self.fills_channel()).arg(announcement);
+        // Encoded before the clock starts: the timeout is for Redis.
+        let sets: Vec<Cmd> = batch.drain(..).map(set).collect();
         let started = Instant::now();
         let result = match &mut conn {
             Connection::Single(single) => {
                 let mut pipe = redis::pipe();
-                for put in batch.drain(..) {
-                    pipe.add_command(set(put)).ignore();
+                for cmd in sets {
+                    pipe.add_command(cmd).ignore();
                 }
                 pipe.add_command(publish).ignore();
                 tokio::time::timeout(self.config.timeout * 4, pipe.query_async::<()>(single)).await
             }
             Connection::Cluster(cluster) => {
                 let template = cluster.clone();
-                let sets = batch.drain(..).map(|put| {
+                let sets = sets.into_iter().map(|cmd| {
                     let mut cluster = template.clone();
-                    let cmd = set(put);
                     async move { cmd.query_async::<()>(&mut cluster).await }
                 });
                 let stored_then_announced = async {
@@ -833,7 +870,7 @@ impl StoredResult {
     /// length of the row description (u32::MAX for none), row
     /// description, payload (LZ4-compressed when it is at least
     /// `compress_above` bytes, non-zero, and compression shrinks it).
-    pub fn encode(&self, compress_above: usize) -> Bytes {
+    pub fn encode(&self, compress_above: usize, created: u64) -> Bytes {
         let rd = self.row_description.as_deref();
         let compressible = (compress_above.max(1)..=MAX_EXPANDED).contains(&self.payload.len());
         let compressed = (compress_above > 0 && compressible)
@@ -847,7 +884,7 @@ impl StoredResult {
             BytesMut::with_capacity(HEADER_LEN + rd.map_or(0, <[u8]>::len) + payload.len());
         out.put_slice(MAGIC);
         out.put_u64(0); // the checksum, once the rest is written
-        out.put_u64(now_micros());
+        out.put_u64(created);
         out.put_u8(flags);
         out.put_u32(rd.map_or(u32::MAX, |r| r.len() as u32));
         if let Some(rd) = rd {
@@ -865,7 +902,13 @@ impl StoredResult {
 
     /// Decodes a value and tells how long ago it was stored.
     pub fn decode_with_age(value: Bytes) -> Option<(StoredResult, Duration)> {
-        if value.len() < HEADER_LEN || &value[..4] != MAGIC {
+        // Version 1 had no flags byte: its header ends one byte earlier.
+        let (flags_at, header_len) = match value.get(..4)? {
+            m if m == MAGIC => (Some(20), HEADER_LEN),
+            m if m == MAGIC_V1 => (None, HEADER_LEN - 1),
+            _ => return None,
+        };
+        if value.len() < header_len {
             return None;
         }
         let checksum = u64::from_be_bytes(value[4..12].try_into().ok()?);
@@ -873,9 +916,9 @@ impl StoredResult {
             return None;
         }
         let created = u64::from_be_bytes(value[12..20].try_into().ok()?);
-        let flags = value[20];
-        let rd_len = u32::from_be_bytes(value[21..25].try_into().ok()?);
-        let mut rest = value.slice(HEADER_LEN..);
+        let flags = flags_at.map_or(0, |at| value[at]);
+        let rd_len = u32::from_be_bytes(value[header_len - 4..header_len].try_into().ok()?);
+        let mut rest = value.slice(header_len..);
         let row_description = if rd_len == u32::MAX {
             None
         } else {
@@ -892,7 +935,11 @@ impl StoredResult {
                 if claimed > MAX_EXPANDED {
                     return None;
                 }
-                Bytes::from(lz4_flex::decompress_size_prepended(&rest).ok()?)
+                let expanded = lz4_flex::decompress_size_prepended(&rest).ok()?;
+                if expanded.len() != claimed {
+                    return None;
+                }
+                Bytes::from(expanded)
             }
             _ => return None,
         };
@@ -950,7 +997,7 @@ mod tests {
             payload: Bytes::from_static(b"D\0\0\0\x06\0\0C\0\0\0\x0bSELECT 1\0"),
             row_description: Some(Bytes::from_static(b"T\0\0\0\x06\0\0")),
         };
-        let encoded = stored.encode(1024);
+        let encoded = stored.encode(1024, now_micros());
         assert_eq!(encoded[20], 0, "small payloads are stored as they are");
         assert_eq!(decode(&encoded), Some(stored));
         let mut corrupt = encoded.to_vec();
@@ -962,6 +1009,30 @@ mod tests {
     }
 
     #[test]
+    fn values_of_the_previous_format_are_still_read() {
+        let (rd, payload) = (
+            b"T\0\0\0\x06\0\0".as_slice(),
+            b"C\0\0\0\x0bSELECT 1\0".as_slice(),
+        );
+        let mut body = Vec::new();
+        body.extend_from_slice(&now_micros().to_be_bytes());
+        body.extend_from_slice(&(rd.len() as u32).to_be_bytes());
+        body.extend_from_slice(rd);
+        body.extend_from_slice(payload);
+        let mut v1 = b"PGS1".to_vec();
+        v1.extend_from_slice(&xxh3_64(&body).to_be_bytes());
+        v1.extend_from_slice(&body);
+        let expected = StoredResult {
+            payload: Bytes::copy_from_slice(payload),
+            row_description: Some(Bytes::copy_from_slice(rd)),
+        };
+        assert_eq!(decode(&v1), Some(expected));
+        let last = v1.len() - 1;
+        v1[last] ^= 1;
+        assert_eq!(decode(&v1), None);
+    }
+
+    #[test]
     fn large_payloads_are_compressed_when_that_shrinks_them() {
         let rows: Vec<u8> = (0..200u32)
             .flat_map(|i| format!("D\0\0\0\x1a\0\x01\0\0\0\x10account {i:08}").into_bytes())
@@ -970,7 +1041,7 @@ mod tests {
             payload: Bytes::from(rows),
             row_description: None,
         };
-        let encoded = stored.encode(1024);
+        let encoded = stored.encode(1024, now_micros());
         assert_eq!(encoded[20], COMPRESSED);
         assert!(
             encoded.len() < stored.payload.len() / 2,
@@ -978,7 +1049,7 @@ mod tests {
             encoded.len()
         );
         assert_eq!(decode(&encoded), Some(stored.clone()));
-        assert_eq!(stored.encode(0)[20], 0, "0 never compresses");
+        assert_eq!(stored.encode(0, now_micros())[20], 0, "0 never compresses");
 
         // Incompressible bytes are kept as they are.
         let noise: Vec<u8> = (0..512u32)
@@ -988,7 +1059,7 @@ mod tests {
             payload: Bytes::from(noise),
             row_description: None,
         };
-        assert_eq!(noisy.encode(1024)[20], 0);
+        assert_eq!(noisy.encode(1024, now_micros())[20], 0);
 
         // A compressed payload that fails to expand is refused even with a
         // matching checksum.
