@@ -596,6 +596,21 @@ async fn losing_the_bus_stops_local_hits_until_it_is_back() {
         .unwrap();
 }
 
+/// `PUBSUB <count>` for one channel on one node (NUMSUB or SHARDNUMSUB).
+async fn subscribers(
+    conn: &mut redis::aio::MultiplexedConnection,
+    count: &str,
+    channel: &str,
+) -> i64 {
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg(count)
+        .arg(channel)
+        .query_async(conn)
+        .await
+        .unwrap();
+    n
+}
+
 /// The same two-process test on a Redis Cluster of three masters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pgstash_on_a_redis_cluster() {
@@ -648,20 +663,8 @@ async fn two_pgstash_on_a_redis_cluster() {
     }
     let (mut sharded, mut plain) = (0, 0);
     for conn in &mut node_connections {
-        let (_, n): (String, i64) = redis::cmd("PUBSUB")
-            .arg("SHARDNUMSUB")
-            .arg(&channel)
-            .query_async(conn)
-            .await
-            .unwrap();
-        let (_, m): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(&channel)
-            .query_async(conn)
-            .await
-            .unwrap();
-        sharded += n;
-        plain += m;
+        sharded += subscribers(conn, "SHARDNUMSUB", &channel).await;
+        plain += subscribers(conn, "NUMSUB", &channel).await;
     }
     assert_eq!((sharded, plain), (2, 0), "shard and plain subscribers");
 

@@ -6,12 +6,12 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 
 use super::generations::Generations;
-use super::shared::{parse_bump, SharedTier};
+use super::shared::{now_micros, parse_bump, SharedTier};
 
 /// Keeps the subscription up for as long as the cache exists, and
 /// announces this instance on it so a stalled subscription is noticed.
@@ -57,9 +57,10 @@ async fn subscribe_and_follow(
     let channels = [shared.channel(), shared.fills_channel()];
     // Found before the clock starts: asking the sentinels has a timeout
     // per sentinel of its own.
-    let url = match shared.config().cluster {
-        true => None,
-        false => Some(shared.bus_url().await.map_err(|e| e.to_string())?),
+    let url = if shared.config().cluster {
+        None
+    } else {
+        Some(shared.bus_url().await.map_err(|e| e.to_string())?)
     };
     let subscribing = async {
         match url {
@@ -106,10 +107,9 @@ async fn subscribe_and_follow(
         shared.heard_now();
         shared.stats.bumps_received.fetch_add(1, Ordering::Relaxed);
         crate::admin::metrics::bus_message("received");
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
-        crate::admin::metrics::bus_delay(Duration::from_micros(now.saturating_sub(sent_at) as u64));
+        crate::admin::metrics::bus_delay(Duration::from_micros(
+            now_micros().saturating_sub(sent_at),
+        ));
     }
 }
 

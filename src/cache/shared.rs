@@ -212,8 +212,14 @@ struct PendingPut {
 
 impl PendingPut {
     fn id(&self) -> u128 {
-        self.key ^ u128::from(self.generations)
+        entry_id_of(self.key, self.generations)
     }
+}
+
+/// An entry's identity: its key and the generations it was filled under
+/// (`SharedTier::entry_id_of_key` reads it back from a Redis key).
+fn entry_id_of(key: u128, generations: u64) -> u128 {
+    key ^ u128::from(generations)
 }
 
 /// Stores queued beyond this are dropped (a lost store is only a miss for
@@ -371,7 +377,7 @@ impl SharedTier {
         let (key, generations) = rest.split_once(':')?;
         let key = u128::from_str_radix(key, 16).ok()?;
         let generations = u64::from_str_radix(generations, 16).ok()?;
-        Some(key ^ u128::from(generations))
+        Some(entry_id_of(key, generations))
     }
 
     /// Where stored entries are announced.
@@ -607,9 +613,7 @@ impl SharedTier {
             invocation.key(self.generation_key(database, t));
         }
         let tables_text: Vec<String> = tables.iter().map(u32::to_string).collect();
-        let sent_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
+        let sent_at = now_micros();
         invocation.arg(self.channel());
         invocation.arg(format!("{database}|{}|{sent_at}", tables_text.join(",")));
         invocation.arg(self.publish_command());
@@ -638,7 +642,7 @@ impl SharedTier {
 
     /// The entry's identity in announcements: its key and generations.
     pub fn entry_id(key: u128, snapshot: &Snapshot) -> u128 {
-        key ^ u128::from(generations_hash(snapshot))
+        entry_id_of(key, generations_hash(snapshot))
     }
 
     pub async fn get(
@@ -646,15 +650,16 @@ impl SharedTier {
         key: u128,
         snapshot: &Snapshot,
     ) -> Result<Option<(StoredResult, Duration)>, SharedError> {
-        if self.bus_fresh() && self.presence.surely_absent(Self::entry_id(key, snapshot)) {
+        let generations = generations_hash(snapshot);
+        if self.bus_fresh() && self.presence.surely_absent(entry_id_of(key, generations)) {
             self.stats.skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        let redis_key = self.entry_key(key, snapshot);
+        let redis_key = self.entry_key_of(key, generations);
         let value = if self.config.cluster {
             self.run(redis::cmd("GET").arg(&redis_key)).await?
         } else {
-            self.get_batched(redis_key.clone()).await?
+            self.get_batched(redis_key).await?
         };
         let Some(value) = value else {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
@@ -670,7 +675,8 @@ impl SharedTier {
                 // served, and removed so it is not met again.
                 self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
                 crate::admin::metrics::redis_corrupt();
-                let _ = self.run::<i64>(redis::cmd("DEL").arg(&redis_key)).await;
+                let redis_key = self.entry_key_of(key, generations);
+                let _ = self.run::<i64>(redis::cmd("DEL").arg(redis_key)).await;
                 Ok(None)
             }
         }
@@ -852,7 +858,7 @@ fn generations_hash(snapshot: &Snapshot) -> u64 {
     xxh3_64(&generations)
 }
 
-fn now_micros() -> u64 {
+pub(super) fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
@@ -872,8 +878,9 @@ impl StoredResult {
     /// `compress_above` bytes, non-zero, and compression shrinks it).
     pub fn encode(&self, compress_above: usize, created: u64) -> Bytes {
         let rd = self.row_description.as_deref();
-        let compressible = (compress_above.max(1)..=MAX_EXPANDED).contains(&self.payload.len());
-        let compressed = (compress_above > 0 && compressible)
+        let compressible =
+            compress_above > 0 && (compress_above..=MAX_EXPANDED).contains(&self.payload.len());
+        let compressed = compressible
             .then(|| lz4_flex::compress_prepend_size(&self.payload))
             .filter(|c| c.len() < self.payload.len());
         let (flags, payload) = match &compressed {
@@ -956,7 +963,7 @@ impl StoredResult {
 
 /// A bump as announced on the bus: database, (table, generation) pairs,
 /// and when it was sent (µs since the epoch).
-pub type Bump = (u32, Vec<(u32, u64)>, u128);
+pub type Bump = (u32, Vec<(u32, u64)>, u64);
 
 /// Parses a bus message: `database|t1,t2|sent_at_us|g1,g2`.
 pub fn parse_bump(message: &str) -> Option<Bump> {
@@ -967,7 +974,7 @@ pub fn parse_bump(message: &str) -> Option<Bump> {
         .split(',')
         .map(|t| t.parse().ok())
         .collect::<Option<_>>()?;
-    let sent_at: u128 = parts.next()?.parse().ok()?;
+    let sent_at: u64 = parts.next()?.parse().ok()?;
     let generations: Vec<u64> = parts
         .next()?
         .split(',')
