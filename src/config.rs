@@ -48,6 +48,9 @@ pub struct Config {
     /// duration, never literals); 0 turns the slow-query log off.
     #[serde(with = "humantime_serde")]
     pub slow_query_threshold: Duration,
+    /// Threads that run sessions; 0: one per CPU the process may use
+    /// (CPU quotas count).
+    pub worker_threads: usize,
     /// Log format: "text" or "json".
     pub log_format: String,
     /// Default tracing filter, e.g. "info" or "pgstash=debug".
@@ -260,6 +263,7 @@ impl Default for Config {
             drain_grace: Duration::ZERO,
             metrics_listen: String::new(),
             slow_query_threshold: Duration::ZERO,
+            worker_threads: 0,
             log_format: "text".into(),
             log_level: "info".into(),
             upstream: UpstreamConfig::default(),
@@ -503,6 +507,12 @@ impl Config {
             return invalid(format!(
                 "metrics_listen = {:?} is not HOST:PORT",
                 self.metrics_listen
+            ));
+        }
+        if self.worker_threads > 1024 {
+            return invalid(format!(
+                "worker_threads = {}: at most 1024",
+                self.worker_threads
             ));
         }
         if !matches!(self.redis.on_failure.as_str(), "pass-through" | "local") {
@@ -794,6 +804,14 @@ mod tests {
         assert_eq!(config.password_for("app").as_deref(), Some("s"));
         assert_eq!(config.redis.url, "redis://r:6379");
         assert_eq!(config.upstream.password.as_deref(), Some("12345"));
+    }
+
+    #[test]
+    fn worker_threads_are_bounded() {
+        let config = Config::from_toml_and_env("worker_threads = 1\n", &[]).unwrap();
+        assert_eq!(config.worker_threads, 1);
+        assert_eq!(Config::default().worker_threads, 0, "one per CPU");
+        assert!(Config::from_toml_and_env("worker_threads = 5000\n", &[]).is_err());
     }
 
     #[test]

@@ -754,9 +754,10 @@ impl Drop for Process {
 async fn sigterm_lets_the_transaction_in_flight_finish() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("pgstash.toml");
+    // One worker thread, the smallest runtime, drains as any other.
     std::fs::write(
         &config,
-        "shutdown_timeout = \"10s\"\nlog_level = \"pgstash=debug\"\n[pool]\nsize = 4\n",
+        "shutdown_timeout = \"10s\"\nworker_threads = 1\nlog_level = \"pgstash=debug\"\n[pool]\nsize = 4\n",
     )
     .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -1057,3 +1057,94 @@ async fn concurrent_lookups_share_one_round_trip() {
         .expect("lookup");
     assert_eq!(answered.map(|(stored, _)| stored), Some(result(1)));
 }
+
+/// A failed step of the scan that tells an instance what is already in
+/// Redis (here: its connection killed mid-scan) is retried from its
+/// cursor: the scan still finishes, and lookups of entries nobody stored
+/// skip Redis from then on rather than only once the longest TTL has
+/// passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_presence_scan_survives_dropped_connections() {
+    use bytes::Bytes;
+    use pgstash::cache::generations::Snapshot;
+    use pgstash::cache::shared::StoredResult;
+    use pgstash::config::RedisConfig;
+
+    let redis = OwnRedis::start_with(&["--enable-debug-command", "local"]);
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Others' keys, so that the scan takes a few hundred steps.
+    let () = redis::cmd("DEBUG")
+        .arg("POPULATE")
+        .arg(300_000)
+        .arg("others:")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let config = RedisConfig {
+        url: redis.url(),
+        prefix: "scanned:".into(),
+        timeout: Duration::from_millis(500),
+        ..RedisConfig::default()
+    };
+    let snapshot = Snapshot {
+        database: 1,
+        epoch: 0,
+        tables: vec![(42, 7)].into_boxed_slice(),
+    };
+    let writer = SharedTier::new(config.clone());
+    let stored = StoredResult {
+        payload: Bytes::from_static(b"row"),
+        row_description: None,
+    };
+    for key in 0..50u128 {
+        writer.put(key, &snapshot, &stored, Duration::from_secs(600));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while writer.stats.stored.load(Ordering::Relaxed) < 50 {
+        assert!(Instant::now() < deadline, "stores never reached redis");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let reader = SharedTier::new(config);
+    reader.presence.set_warmup(Duration::from_secs(3600));
+    let subscription = reader.presence.subscribed();
+    let scanning = tokio::spawn({
+        let reader = reader.clone();
+        async move { reader.scan_presence(subscription).await }
+    });
+    let mut kills = 0;
+    while kills < 3 && !scanning.is_finished() {
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        kills += killed;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        kills > 0,
+        "the scan finished before a connection could be killed"
+    );
+    let finished = tokio::time::timeout(Duration::from_secs(30), scanning)
+        .await
+        .expect("the scan never finished")
+        .unwrap();
+    assert!(finished, "the scan gave up after its connection was killed");
+    reader.presence.scanned(subscription);
+    for key in 0..50u128 {
+        assert!(
+            !reader
+                .presence
+                .surely_absent(SharedTier::entry_id(key, &snapshot)),
+            "entry {key} is in redis but the scan missed it"
+        );
+    }
+    assert!(reader
+        .presence
+        .surely_absent(SharedTier::entry_id(50, &snapshot)));
+}

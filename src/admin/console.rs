@@ -540,6 +540,9 @@ pub fn reload(proxy: &Proxy) -> Result<String, String> {
         fresh.redis.url = old.redis.url.clone();
     }
     let mut needs_restart = Vec::new();
+    if fresh.worker_threads != old.worker_threads {
+        needs_restart.push("worker_threads");
+    }
     if fresh.redis.url != old.redis.url {
         needs_restart.push("redis.url");
     }

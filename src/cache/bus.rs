@@ -199,10 +199,8 @@ fn sharded_message(push: redis::PushInfo) -> Option<(Vec<u8>, Vec<u8>)> {
 fn scan_presence_in_background(shared: &Arc<SharedTier>, subscription: u64) {
     let shared = shared.clone();
     tokio::spawn(async move {
-        match shared.scan_presence().await {
-            Ok(true) => shared.presence.scanned(subscription),
-            Ok(false) => {}
-            Err(e) => tracing::debug!(error = %e, "scanning redis for stored entries failed"),
+        if shared.scan_presence(subscription).await {
+            shared.presence.scanned(subscription);
         }
     });
 }

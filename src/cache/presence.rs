@@ -137,6 +137,16 @@ impl Presence {
         }
     }
 
+    /// Whether subscription number `subscription` is still the one
+    /// announcements arrive on.
+    pub fn is_current(&self, subscription: u64) -> bool {
+        self.complete_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+            && self.subscriptions.load(Ordering::SeqCst) == subscription
+    }
+
     /// Whether announcements had to be dropped for lack of room.
     pub fn overflowed(&self) -> bool {
         self.overflowed.load(Ordering::Relaxed)

@@ -227,6 +227,9 @@ fn entry_id_of(key: u128, generations: u64) -> u128 {
 const PENDING_PUTS: usize = 4096;
 const PUT_BATCH: usize = 256;
 const PUT_LINGER: Duration = Duration::from_millis(2);
+/// Pauses between retries of a failed step of the presence scan.
+const SCAN_RETRY_FIRST: Duration = Duration::from_millis(50);
+const SCAN_RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl SharedTier {
     pub fn new(config: RedisConfig) -> Arc<SharedTier> {
@@ -332,26 +335,40 @@ impl SharedTier {
 
     /// Records every entry in Redis under our prefix (single Redis or
     /// Sentinel; a cluster's keys are spread over its masters, and there
-    /// the time-based warm-up applies). `Ok(false)`: not done.
-    pub async fn scan_presence(&self) -> Result<bool, SharedError> {
-        let Connection::Single(mut conn) = self.connection().await? else {
-            return Ok(false);
-        };
+    /// the time-based warm-up applies). Returns whether the whole keyspace
+    /// was scanned for subscription number `subscription`.
+    ///
+    /// A failed step (a timeout under load, a dropped connection) is
+    /// retried from the same cursor after a pause, for as long as that
+    /// subscription lasts: giving up would leave every lookup asking Redis
+    /// until the longest TTL had passed.
+    pub async fn scan_presence(&self, subscription: u64) -> bool {
+        if self.config.cluster {
+            return false;
+        }
         let pattern = format!("{}r:*", self.config.prefix);
         let mut cursor: u64 = 0;
+        let mut pause = SCAN_RETRY_FIRST;
         loop {
-            let (next, keys): (u64, Vec<String>) = tokio::time::timeout(
-                self.config.connect_timeout,
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut conn),
-            )
-            .await
-            .map_err(|_| SharedError::Timeout)??;
+            if !self.presence.is_current(subscription) {
+                return false;
+            }
+            let mut step = redis::cmd("SCAN");
+            step.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, keys): (u64, Vec<String>) = match self.run(&step).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::debug!(error = %e, "a step of the scan for stored entries failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(SCAN_RETRY_MAX);
+                    continue;
+                }
+            };
+            pause = SCAN_RETRY_FIRST;
             for key in &keys {
                 if let Some(id) = self.entry_id_of_key(key) {
                     // The entry's own TTL is not asked for: remembering it
@@ -360,10 +377,10 @@ impl SharedTier {
                 }
             }
             if self.presence.overflowed() {
-                return Ok(false);
+                return false;
             }
             if next == 0 {
-                return Ok(true);
+                return true;
             }
             cursor = next;
         }
