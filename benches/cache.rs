@@ -171,13 +171,12 @@ fn bench_local_tier(c: &mut Criterion) {
     for &key in &keys {
         cache.local.insert(
             key,
-            Entry {
-                snapshot: cache.generations.snapshot(DATABASE, &[TABLE]),
-                payload: payload.clone(),
-                row_description: None,
-                ttl: Duration::from_secs(3600),
-                stored_at: std::time::Instant::now(),
-            },
+            Entry::new(
+                cache.generations.snapshot(DATABASE, &[TABLE]),
+                payload.clone(),
+                None,
+                Duration::from_secs(3600),
+            ),
         );
     }
     let probe = cache.local.get(keys[0]).expect("inserted");

@@ -425,6 +425,10 @@ pub struct RedisConfig {
     /// Results at least this large (bytes, and at most 64 MiB) are stored
     /// LZ4-compressed when that makes them smaller; 0 never compresses.
     pub compress_above: usize,
+    /// Which results go to Redis: "fill" (every result filled here) or
+    /// "reuse" (only results this instance reads again: a local-tier hit,
+    /// or a second fill of the same entry).
+    pub admit: String,
 }
 
 impl Default for RedisConfig {
@@ -444,6 +448,7 @@ impl Default for RedisConfig {
             heartbeat: Duration::from_millis(50),
             presence_capacity: 500_000,
             compress_above: 1024,
+            admit: "fill".into(),
         }
     }
 }
@@ -513,6 +518,12 @@ impl Config {
             return invalid(format!(
                 "worker_threads = {}: at most 1024",
                 self.worker_threads
+            ));
+        }
+        if !matches!(self.redis.admit.as_str(), "fill" | "reuse") {
+            return invalid(format!(
+                "redis.admit = {:?}: expected \"fill\" or \"reuse\"",
+                self.redis.admit
             ));
         }
         if !matches!(self.redis.on_failure.as_str(), "pass-through" | "local") {

@@ -1148,3 +1148,97 @@ async fn the_presence_scan_survives_dropped_connections() {
         .presence
         .surely_absent(SharedTier::entry_id(50, &snapshot)));
 }
+
+/// With `admit = "reuse"`, a result read once stays out of Redis. Read
+/// again through the same instance (a local hit; with the local tier off,
+/// a second fill) it is stored, with the age it had, and is then a Redis
+/// hit through another instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admit_reuse_stores_only_results_read_again() {
+    // Its own Redis: the test lists every key in it.
+    let own = OwnRedis::start();
+    let url = own.url();
+    let url = url.as_str();
+    let Pair {
+        prefix,
+        a,
+        b,
+        ca,
+        cb,
+        table: t,
+        direct,
+    } = Pair::start(url, "admit = \"reuse\"", "reuse", 5).await;
+    let stat = |proxy: &TestProxy, counter: fn(&SharedTier) -> u64| counter(shared(proxy));
+    let stored = |s: &SharedTier| s.stats.stored.load(Ordering::Relaxed);
+    let deferred = |s: &SharedTier| s.stats.deferred.load(Ordering::Relaxed);
+    let hits = |s: &SharedTier| s.stats.hits.load(Ordering::Relaxed);
+    let local_fills = |proxy: &TestProxy| fills(proxy).0;
+
+    let sql = format!("SELECT v FROM {t}");
+    let filled = local_fills(&a);
+    assert_eq!(scalar(&ca, &sql).await, "5");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while local_fills(&a) == filled {
+        assert!(Instant::now() < deadline, "A never kept its fill");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(stat(&a, deferred), 1, "A's first fill should wait");
+    assert_eq!(stat(&a, stored), 0, "A stored a result read once");
+    assert_eq!(scalar(&cb, &sql).await, "5");
+    assert_eq!(stat(&b, hits), 0, "B found a result read once in Redis");
+
+    // Some age, which the stored copy must keep.
+    let aged = Duration::from_millis(300);
+    tokio::time::sleep(aged).await;
+    assert_eq!(scalar(&ca, &sql).await, "5");
+    wait_for_stat(&a, "the store of A's reused result", stored, 0).await;
+    let mut redis = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:r:*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(&keys[0])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let (_, age) =
+        pgstash::cache::shared::StoredResult::decode_with_age(value.into()).expect("a valid value");
+    assert!(age >= aged, "stored as {age:?} old, filled {aged:?} ago");
+
+    // Another instance, without a local tier, hits it in Redis; its own
+    // first fill of another query waits, and its second is stored.
+    let c = start_with_redis(
+        url,
+        &prefix,
+        "admit = \"reuse\"\n[cache]\ncapacity_bytes = 0",
+    )
+    .await;
+    let cc = c.connect("test").await;
+    assert_eq!(scalar(&cc, &sql).await, "5");
+    assert_eq!(stat(&c, hits), 1, "C missed the reused result in Redis");
+    let other = format!("SELECT v + 1 FROM {t}");
+    assert_eq!(scalar(&cc, &other).await, "6");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&c, deferred) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "C's first fill was never deferred"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(stat(&c, stored), 0);
+    assert_eq!(scalar(&cc, &other).await, "6");
+    wait_for_stat(&c, "the store of C's second fill", stored, 0).await;
+    assert_eq!(stat(&c, deferred), 1);
+    direct
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}

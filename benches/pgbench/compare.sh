@@ -28,6 +28,8 @@
 #                 is what Redis adds to a miss (a lookup that skips Redis
 #                 for entries nobody announced, and the store, written
 #                 behind the client in batches)
+#   miss-reuse    miss-redis with [redis] admit = "reuse": only results
+#                 read again through the instance are stored in Redis
 # Redis targets remember up to 4,000,000 announced entries
 # (presence_capacity), more than the runs store, so lookups of entries
 # nobody stored keep skipping Redis across rounds.
@@ -50,8 +52,11 @@
 #          ROUNDS=1            repeat every run; the tables show the median
 #          WORKLOADS="select_simple select_prepared single single_prepared tpcb mix90 mix50"
 #                              the rows to run, in this order (any subset)
-#          TARGETS="direct pgbouncer off on redis-only local+redis miss-local miss-redis"
+#          TARGETS="direct pgbouncer off on redis-only local+redis miss-local miss-redis miss-reuse"
 #                              the targets to run, in this order (any subset)
+#          WORKERS=1           pgstash's worker_threads: one, like PgBouncer's
+#                              single thread and a sidecar given one core;
+#                              0 is one per CPU
 #          WARMUP=1            0 skips the sweep (the warmed targets then start cold)
 #          CACHE_BYTES         local tier size of the on, local+redis and
 #                              miss-* instances; default fits both
@@ -78,7 +83,7 @@
 #   benches/pgbench/compare.sh
 # The shared tier against its references:
 #   SCALE=1 DURATION=10 WORKLOADS="select_simple select_prepared single single_prepared" \
-#   TARGETS="direct on redis-only local+redis miss-local miss-redis" benches/pgbench/compare.sh
+#   TARGETS="direct on redis-only local+redis miss-local miss-redis miss-reuse" benches/pgbench/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -89,7 +94,8 @@ DURATION=${DURATION:-20}
 POOL_SIZE=${POOL_SIZE:-$CLIENTS}
 ROUNDS=${ROUNDS:-1}
 WORKLOADS=${WORKLOADS:-select_simple select_prepared single single_prepared tpcb mix90 mix50}
-TARGETS=${TARGETS:-direct pgbouncer off on redis-only local+redis miss-local miss-redis}
+TARGETS=${TARGETS:-direct pgbouncer off on redis-only local+redis miss-local miss-redis miss-reuse}
+WORKERS=${WORKERS:-1}
 WARMUP=${WARMUP:-1}
 MISS_TTL=${MISS_TTL:-1h}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
@@ -152,7 +158,9 @@ t_cache[redis-only]=true t_bytes[redis-only]=0 t_ttl[redis-only]=1h t_prefix[red
 t_cache[local+redis]=true t_bytes[local+redis]=$CACHE_BYTES t_ttl[local+redis]=1h t_prefix[local+redis]=${REDIS_PREFIX}lr:
 t_cache[miss-local]=true t_bytes[miss-local]=$CACHE_BYTES t_ttl[miss-local]=$MISS_TTL
 t_cache[miss-redis]=true t_bytes[miss-redis]=$CACHE_BYTES t_ttl[miss-redis]=$MISS_TTL t_prefix[miss-redis]=${REDIS_PREFIX}miss:
-known_targets="direct pgbouncer off on redis-only local+redis miss-local miss-redis"
+t_cache[miss-reuse]=true t_bytes[miss-reuse]=$CACHE_BYTES t_ttl[miss-reuse]=$MISS_TTL t_prefix[miss-reuse]=${REDIS_PREFIX}reuse:
+declare -A t_admit=([miss-reuse]=reuse)
+known_targets="direct pgbouncer off on redis-only local+redis miss-local miss-redis miss-reuse"
 read -r -a targets <<<"$TARGETS"
 [[ ${#targets[@]} -gt 0 ]] || { echo "compare.sh: TARGETS is empty" >&2; exit 1; }
 uses_bouncer=0 uses_redis=0
@@ -341,6 +349,7 @@ for target in "${targets[@]}"; do
     config="$work/pgstash-$target.toml"
     {
         echo 'log_level = "warn"'
+        echo "worker_threads = $WORKERS"
         if is_cache "$target"; then
             metrics_of[$target]=$(free_port)
             echo "metrics_listen = \"127.0.0.1:${metrics_of[$target]}\""
@@ -350,7 +359,8 @@ for target in "${targets[@]}"; do
             printf 'default_ttl = "%s"\ncapacity_bytes = %s\n' "${t_ttl[$target]}" "${t_bytes[$target]}"
         fi
         if [[ -n ${t_prefix[$target]:-} ]]; then
-            printf '\n[redis]\nurl = "%s"\nprefix = "%s"\npresence_capacity = 4000000\n' "$REDIS_URL" "${t_prefix[$target]}"
+            printf '\n[redis]\nurl = "%s"\nprefix = "%s"\npresence_capacity = 4000000\nadmit = "%s"\n' \
+                "$REDIS_URL" "${t_prefix[$target]}" "${t_admit[$target]:-fill}"
         fi
     } >"$config"
     ./target/release/pgstash --config "$config" --listen "127.0.0.1:${port_of[$target]}" \
@@ -609,18 +619,19 @@ hits_header() {
     printf '%-25s %9s %9s %10s %6s %6s %11s %6s %6s %9s %6s %9s %6s\n' "$1" direct cache-on \
         redis-only hit% redis% local+redis hit% redis% ro/direct ro/on lr/direct lr/on
 }
-# Table 3, misses: off, miss-local, miss-redis (with their hit ratios),
-# what Redis adds to a miss, and what the local tier's miss path costs
-# over no cache at all.
+# Table 3, misses: off, miss-local, miss-redis and miss-reuse (with their
+# hit ratios), what Redis adds to a miss under either admission, and what
+# the local tier's miss path costs over no cache at all.
 miss_row() {
-    local kind=$1 w=$2 name=$3 f a b
-    f=$(m "$kind" "$w" off) a=$(m "$kind" "$w" miss-local) b=$(m "$kind" "$w" miss-redis)
-    printf '%-25s %9s %10s %6s %10s %6s %9s %11s %11s\n' "$name" "$f" "$a" "$(mh "$w" miss-local)" \
-        "$b" "$(mh "$w" miss-redis)" "$(ratio "$b" "$a")" "$(added_cost "$kind" "$a" "$b")" "$(added_cost "$kind" "$f" "$a")"
+    local kind=$1 w=$2 name=$3 f a b u
+    f=$(m "$kind" "$w" off) a=$(m "$kind" "$w" miss-local) b=$(m "$kind" "$w" miss-redis) u=$(m "$kind" "$w" miss-reuse)
+    printf '%-25s %9s %10s %6s %10s %6s %10s %6s %9s %9s %11s\n' "$name" "$f" "$a" "$(mh "$w" miss-local)" \
+        "$b" "$(mh "$w" miss-redis)" "$u" "$(mh "$w" miss-reuse)" \
+        "$(added_cost "$kind" "$a" "$b")" "$(added_cost "$kind" "$a" "$u")" "$(added_cost "$kind" "$f" "$a")"
 }
 miss_header() {
-    printf '%-25s %9s %10s %6s %10s %6s %9s %11s %11s\n' "$1" cache-off miss-local hit% miss-redis hit% \
-        mR/mL "redis+%" "local+%"
+    printf '%-25s %9s %10s %6s %10s %6s %10s %6s %9s %9s %11s\n' "$1" cache-off miss-local hit% miss-redis hit% \
+        miss-reuse hit% "redis+%" "reuse+%" "local+%"
 }
 label() {
     local name=${w_label[$1]}
@@ -637,7 +648,7 @@ versions="PostgreSQL $(psql -X -At -h "$UP_HOST" -p "$UP_PORT" -U postgres -d "$
 [[ $uses_redis == 1 ]] && versions+=", Redis $(rcli INFO server | tr -d '\r' | awk -F: '$1 == "redis_version" { print $2 }')"
 echo "$versions, pgstash $(./target/release/pgstash --version | awk '{ print $2 }')"
 [[ -n $redis_before ]] && echo "$redis_before"
-echo "scale $SCALE ($ACCOUNTS accounts), $CLIENTS clients, $JOBS threads, ${DURATION}s per run, pool size $POOL_SIZE, median of $ROUNDS round(s)"
+echo "scale $SCALE ($ACCOUNTS accounts), $CLIENTS clients, $JOBS threads, ${DURATION}s per run, pool size $POOL_SIZE, median of $ROUNDS round(s), pgstash worker_threads $WORKERS"
 echo "warm-up sweep $([[ $WARMUP != 0 ]] && echo on || echo off) (on, redis-only, local+redis), default_ttl 1h, local capacity $CACHE_BYTES bytes (redis-only: 0); miss-*: default_ttl $MISS_TTL"
 echo
 header "TPS"
@@ -667,9 +678,9 @@ if [[ -n ${selected[redis-only]:-}${selected[local+redis]:-} ]]; then
     fi
 fi
 
-if [[ -n ${selected[miss-local]:-}${selected[miss-redis]:-} ]]; then
+if [[ -n ${selected[miss-local]:-}${selected[miss-redis]:-}${selected[miss-reuse]:-} ]]; then
     echo
-    echo "Shared tier, misses (cache flushed before each run, default_ttl $MISS_TTL: random reads, first lookups miss; mR/mL = miss-redis / miss-local)"
+    echo "Shared tier, misses (cache flushed before each run, default_ttl $MISS_TTL: random reads, first lookups miss)"
     miss_header "TPS"
     for w in "${workloads[@]}"; do miss_row tps "$w" "$(label "$w")"; done
     if [[ ${#singles[@]} -gt 0 ]]; then
@@ -678,7 +689,8 @@ if [[ -n ${selected[miss-local]:-}${selected[miss-redis]:-} ]]; then
         for w in "${singles[@]}"; do miss_row lat "$w" "$(label "$w")"; done
     fi
     echo "  redis+% is the time per transaction (from TPS) or the latency that Redis adds to"
-    echo "  the local tier's miss; local+% what the local tier's miss adds to cache-off."
+    echo "  the local tier's miss (admit = \"fill\"), reuse+% the same with admit = \"reuse\";"
+    echo "  local+% what the local tier's miss adds to cache-off."
 fi
 
 if [[ ${#mem_rows[@]} -gt 0 ]]; then
@@ -705,18 +717,19 @@ if [[ -n ${selected[direct]:-} && -n ${selected[redis-only]:-} ]]; then
         printf '  %-25s redis-only/direct %5s  %s (%s%% of its lookups answered by Redis)\n' "$(label "$w")" "$r" "$verdict" "$(ms "$w" redis-only)"
     done
 fi
-if [[ -n ${selected[miss-local]:-} && -n ${selected[miss-redis]:-} ]]; then
-    echo "goal: the shared tier adds <= 5 % to a miss"
+for target in miss-redis miss-reuse; do
+    [[ -n ${selected[miss-local]:-} && -n ${selected[$target]:-} ]] || continue
+    echo "goal: the shared tier adds <= 5 % to a miss ($target, admit = \"${t_admit[$target]:-fill}\")"
     for w in "${workloads[@]}"; do
         kind=tps
         is_single "$w" && kind=lat
-        c=$(added_cost "$kind" "$(m "$kind" "$w" miss-local)" "$(m "$kind" "$w" miss-redis)")
+        c=$(added_cost "$kind" "$(m "$kind" "$w" miss-local)" "$(m "$kind" "$w" "$target")")
         verdict="NOT met"
         [[ $c != n/a ]] && awk -v c="$c" 'BEGIN { exit !(c <= 5) }' && verdict=met
         [[ $c == n/a ]] && verdict="n/a"
         printf '  %-25s %-7s %6s%%  %s\n' "$(label "$w")" "$([[ $kind == tps ]] && echo TPS || echo latency)" "$c" "$verdict"
     done
-fi
+done
 
 echo
 echo "hit% is hits / lookups of the run itself, from the instance's /metrics; redis% is the"

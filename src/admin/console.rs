@@ -478,6 +478,7 @@ fn show_cache(proxy: &Proxy) -> Table {
             add("redis_corrupt", get(&r.corrupt).to_string());
             add("redis_stored", get(&r.stored).to_string());
             add("redis_lookups_skipped", get(&r.skipped).to_string());
+            add("redis_stores_deferred", get(&r.deferred).to_string());
             add(
                 "redis_circuit",
                 if shared.circuit_open() {

@@ -1,5 +1,6 @@
 //! The in-process tier: moka, bounded by bytes, each entry with its TTL.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,27 @@ pub struct Entry {
     pub ttl: Duration,
     /// When it was stored here, for the shorter TTL while Redis is down.
     pub stored_at: Instant,
+    /// Filled here but not stored in Redis yet (`admit = "reuse"`): the
+    /// first hit on it stores it.
+    pub unshared: AtomicBool,
+}
+
+impl Entry {
+    pub fn new(
+        snapshot: Snapshot,
+        payload: Bytes,
+        row_description: Option<Bytes>,
+        ttl: Duration,
+    ) -> Entry {
+        Entry {
+            snapshot,
+            payload,
+            row_description,
+            ttl,
+            stored_at: Instant::now(),
+            unshared: AtomicBool::new(false),
+        }
+    }
 }
 
 struct PerEntryTtl;

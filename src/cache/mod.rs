@@ -6,6 +6,7 @@
 //! answer's bytes, and an entry is valid only while the generations of
 //! every table it read are the ones it was filled under.
 
+pub mod admission;
 pub mod bus;
 pub mod catalog;
 pub mod flight;
@@ -266,8 +267,7 @@ impl Cache {
         // generations is as good as Redis's (the entry's key carries its
         // generations, so a bump still in flight makes it unreachable).
         if shared.bus_fresh() && self.generations.is_current(&snapshot) {
-            shared.put(key, &snapshot, &stored, ttl);
-            self.local.insert(key, entry(snapshot, stored, ttl));
+            self.keep_fill(&shared, key, snapshot, stored, ttl);
             self.stats.fill(true);
             drop(leader);
             return;
@@ -290,11 +290,64 @@ impl Cache {
                 cache.stats.fill(false);
                 return;
             }
-            shared.put(key, &snapshot, &stored, ttl);
-            cache.local.insert(key, entry(snapshot, stored, ttl));
+            cache.keep_fill(&shared, key, snapshot, stored, ttl);
             cache.stats.fill(true);
             drop(leader);
         });
+    }
+
+    /// Puts a current fill in the local tier, and in Redis unless
+    /// admission waits for the result to be read again.
+    fn keep_fill(
+        &self,
+        shared: &SharedTier,
+        key: u128,
+        snapshot: Snapshot,
+        stored: StoredResult,
+        ttl: std::time::Duration,
+    ) {
+        let admitted = shared.admits(key, &snapshot);
+        if admitted {
+            shared.put(key, &snapshot, &stored, ttl);
+        }
+        let entry = entry(snapshot, stored, ttl);
+        entry.unshared.store(!admitted, Ordering::Relaxed);
+        self.local.insert(key, entry);
+    }
+
+    /// A local hit is being served from `entry`: if Redis does not have it
+    /// yet (admission waited for this reuse), it is stored there now, for
+    /// the TTL it has left.
+    pub fn local_hit(&self, key: u128, entry: &Entry) {
+        if !entry.unshared.load(Ordering::Relaxed) || !entry.unshared.swap(false, Ordering::Relaxed)
+        {
+            return;
+        }
+        let Some(shared) = &self.shared else { return };
+        let age = entry.stored_at.elapsed();
+        let Some(left) = entry.ttl.checked_sub(age).filter(|d| !d.is_zero()) else {
+            return;
+        };
+        let stored = StoredResult {
+            payload: entry.payload.clone(),
+            row_description: entry.row_description.clone(),
+        };
+        shared.put_aged(key, &entry.snapshot, &stored, left, age);
+    }
+
+    /// Keeps a Redis hit in the local tier for what is left of its TTL
+    /// under the query that found it: the next hit is local.
+    pub fn promote(
+        &self,
+        key: u128,
+        snapshot: Snapshot,
+        stored: StoredResult,
+        left: std::time::Duration,
+    ) {
+        self.local.insert(
+            key,
+            Entry::new(snapshot, stored.payload, stored.row_description, left),
+        );
     }
 
     /// The databases whose catalogs are loaded: (name, OID).
@@ -396,13 +449,7 @@ impl Cache {
 }
 
 fn entry(snapshot: Snapshot, stored: StoredResult, ttl: std::time::Duration) -> Entry {
-    Entry {
-        snapshot,
-        payload: stored.payload,
-        row_description: stored.row_description,
-        ttl,
-        stored_at: std::time::Instant::now(),
-    }
+    Entry::new(snapshot, stored.payload, stored.row_description, ttl)
 }
 
 /// The key of a target's catalog: catalogs are per database, whichever

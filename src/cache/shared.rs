@@ -16,6 +16,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::admission::FirstFills;
 use super::generations::Snapshot;
 use super::presence::Presence;
 use crate::config::RedisConfig;
@@ -136,6 +137,9 @@ pub struct SharedStats {
     pub subscriptions: AtomicU64,
     /// MGETs that carried lookups (each may carry many).
     pub lookup_batches: AtomicU64,
+    /// Fills not stored (yet) because `admit = "reuse"` waits for a
+    /// result to be read again.
+    pub deferred: AtomicU64,
 }
 
 pub struct SharedTier {
@@ -161,6 +165,8 @@ pub struct SharedTier {
     instance: [u8; 8],
     /// Lookups waiting to go out together (single Redis or Sentinel).
     lookups: Mutex<Vec<PendingLookup>>,
+    /// With `admit = "reuse"`: fills waiting for a second one.
+    first_fills: Option<FirstFills>,
 }
 
 type LookupReply = Result<Option<Vec<u8>>, SharedError>;
@@ -246,6 +252,7 @@ impl SharedTier {
             presence: Presence::new(config.presence_capacity),
             instance: rand::random(),
             lookups: Mutex::new(Vec::new()),
+            first_fills: (config.admit == "reuse").then(FirstFills::default),
             config,
             urls,
             connection: Mutex::new(None),
@@ -757,15 +764,40 @@ impl SharedTier {
         }
     }
 
-    /// Stores a result under the generations it was filled with; sent by
-    /// the write-behind task.
+    /// Whether a fresh fill goes to Redis now: always, unless
+    /// `admit = "reuse"` and this instance has not filled it before.
+    pub fn admits(&self, key: u128, snapshot: &Snapshot) -> bool {
+        let Some(first_fills) = &self.first_fills else {
+            return true;
+        };
+        if first_fills.seen_before(Self::entry_id(key, snapshot)) {
+            return true;
+        }
+        self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Stores a result just filled under the generations it was filled
+    /// with; sent by the write-behind task.
     pub fn put(&self, key: u128, snapshot: &Snapshot, stored: &StoredResult, ttl: Duration) {
+        self.put_aged(key, snapshot, stored, ttl, Duration::ZERO);
+    }
+
+    /// Stores a result filled `age` ago, for the `ttl` it has left.
+    pub fn put_aged(
+        &self,
+        key: u128,
+        snapshot: &Snapshot,
+        stored: &StoredResult,
+        ttl: Duration,
+        age: Duration,
+    ) {
         let put = PendingPut {
             key,
             generations: generations_hash(snapshot),
             stored: stored.clone(),
             ttl,
-            filled_at: now_micros(),
+            filled_at: now_micros().saturating_sub(age.as_micros() as u64),
         };
         if let Some(sender) = &self.pending_puts {
             if sender.try_send(put).is_err() {

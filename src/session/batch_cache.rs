@@ -57,6 +57,7 @@ async fn fetch_answer(cache: &Arc<Cache>, database: u32, plan: AnswerPlan) -> Op
         let (payload, row_description) = match local_hit(cache, execute.key) {
             Some(entry) => {
                 crate::admin::metrics::tier_hit("local");
+                cache.local_hit(execute.key, &entry);
                 (entry.payload.clone(), entry.row_description.clone())
             }
             None => redis_hit(cache, database, execute).await?,
@@ -100,16 +101,7 @@ async fn redis_hit(
         .checked_sub(age)
         .filter(|d| !d.is_zero())?;
     crate::admin::metrics::tier_hit("redis");
-    cache.local.insert(
-        execute.key,
-        Entry {
-            snapshot,
-            payload: stored.payload.clone(),
-            row_description: stored.row_description.clone(),
-            ttl: left,
-            stored_at: std::time::Instant::now(),
-        },
-    );
+    cache.promote(execute.key, snapshot, stored.clone(), left);
     Some((stored.payload, stored.row_description))
 }
 

@@ -17,7 +17,6 @@ use super::Session;
 use crate::cache::catalog::Catalog;
 use crate::cache::flight::Leader;
 use crate::cache::generations::Snapshot;
-use crate::cache::local::Entry;
 use crate::cache::shared::StoredResult;
 use crate::cache::{key, policy, Cache, Outcome};
 use crate::protocol::messages as msg;
@@ -295,6 +294,7 @@ impl Session {
                     self.out.push_shared(entry.payload.clone());
                     self.push_local_ready();
                     crate::admin::metrics::tier_hit("local");
+                    cache.local_hit(key, &entry);
                     return true;
                 }
                 cache.local.remove(key);
@@ -315,17 +315,7 @@ impl Session {
         self.out.push_shared(stored.payload.clone());
         self.push_local_ready();
         crate::admin::metrics::tier_hit("redis");
-        // Promoted: the next hit is local.
-        cache.local.insert(
-            key,
-            Entry {
-                snapshot: snapshot.clone(),
-                payload: stored.payload,
-                row_description: stored.row_description,
-                ttl: left,
-                stored_at: std::time::Instant::now(),
-            },
-        );
+        cache.promote(key, snapshot.clone(), stored, left);
         true
     }
 
