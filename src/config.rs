@@ -378,7 +378,7 @@ pub struct AdminConfig {
 }
 
 /// The shared tier and invalidation bus.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS).

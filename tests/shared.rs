@@ -1225,14 +1225,7 @@ async fn admit_reuse_stores_only_results_read_again() {
     assert_eq!(stat(&c, hits), 1, "C missed the reused result in Redis");
     let other = format!("SELECT v + 1 FROM {t}");
     assert_eq!(scalar(&cc, &other).await, "6");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stat(&c, deferred) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "C's first fill was never deferred"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_stat(&c, "the deferral of C's first fill", deferred, 0).await;
     assert_eq!(stat(&c, stored), 0);
     assert_eq!(scalar(&cc, &other).await, "6");
     wait_for_stat(&c, "the store of C's second fill", stored, 0).await;
@@ -1241,4 +1234,57 @@ async fn admit_reuse_stores_only_results_read_again() {
         .batch_execute(&format!("DROP TABLE {t}"))
         .await
         .unwrap();
+}
+
+/// Redis stalled for a moment (here `CLIENT PAUSE`) opens the circuit, but
+/// heartbeats go on: the first one answered in time closes the circuit
+/// again, and the subscription, silent only for the stall, is not torn
+/// down and rebuilt (which would stop local hits until a resync and a
+/// fresh scan of Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moment_of_redis_stall_neither_restarts_the_bus_nor_keeps_the_circuit_open() {
+    let redis = OwnRedis::start();
+    let proxy = TestProxy::start(&format!(
+        "[redis]\nurl = \"{}\"\nprefix = \"stall:\"\ntimeout = \"20ms\"\ncircuit_open_for = \"5s\"\n",
+        redis.url()
+    ))
+    .await;
+    wait_for_bus(&proxy).await;
+    let tier = shared(&proxy);
+    assert_eq!(tier.stats.subscriptions.load(Ordering::Relaxed), 1);
+
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "300", "ALL"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !tier.circuit_open() {
+        assert!(
+            Instant::now() < deadline,
+            "the stall never opened the circuit"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let opened = Instant::now();
+    while tier.circuit_open() {
+        assert!(
+            opened.elapsed() < Duration::from_secs(2),
+            "the circuit stayed open after Redis answered again"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Longer than the bus's silence limit (a second): a restart would show.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        tier.stats.subscriptions.load(Ordering::Relaxed),
+        1,
+        "the bus was restarted"
+    );
+    assert!(proxy.proxy.cache.as_ref().unwrap().local_trusted());
 }

@@ -526,6 +526,30 @@ fn show_cached_queries(proxy: &Proxy) -> Table {
     }
 }
 
+/// The settings that differ between `old` and `fresh` but only take
+/// effect in a new process.
+fn restart_needed_for(old: &Config, fresh: &Config) -> Vec<&'static str> {
+    let mut needs_restart = Vec::new();
+    if fresh.worker_threads != old.worker_threads {
+        needs_restart.push("worker_threads");
+    }
+    // The shared tier keeps the settings it started with.
+    if fresh.redis != old.redis {
+        needs_restart.push("[redis]");
+    }
+    if fresh.cache.enabled != old.cache.enabled
+        || fresh.cache.capacity_bytes != old.cache.capacity_bytes
+    {
+        needs_restart.push("cache.enabled/capacity_bytes");
+    }
+    if fresh.upstream.sslmode != old.upstream.sslmode
+        || fresh.upstream.sslrootcert != old.upstream.sslrootcert
+    {
+        needs_restart.push("upstream.sslmode/sslrootcert (pools already open)");
+    }
+    needs_restart
+}
+
 /// Re-reads the configuration file and applies what can change live.
 pub fn reload(proxy: &Proxy) -> Result<String, String> {
     let path = proxy.config_path.get().cloned();
@@ -540,18 +564,7 @@ pub fn reload(proxy: &Proxy) -> Result<String, String> {
     if fresh.redis.url.is_empty() {
         fresh.redis.url = old.redis.url.clone();
     }
-    let mut needs_restart = Vec::new();
-    if fresh.worker_threads != old.worker_threads {
-        needs_restart.push("worker_threads");
-    }
-    if fresh.redis.url != old.redis.url {
-        needs_restart.push("redis.url");
-    }
-    if fresh.cache.enabled != old.cache.enabled
-        || fresh.cache.capacity_bytes != old.cache.capacity_bytes
-    {
-        needs_restart.push("cache.enabled/capacity_bytes");
-    }
+    let needs_restart = restart_needed_for(&old, &fresh);
     for pool in proxy.pools.all() {
         let database = proxy
             .clients()
@@ -560,11 +573,6 @@ pub fn reload(proxy: &Proxy) -> Result<String, String> {
             .map(|c| c.database.clone())
             .unwrap_or_else(|| pool.target.database.clone());
         pool.resize(fresh.pool_size_for(&database, &pool.target.user));
-    }
-    if fresh.upstream.sslmode != old.upstream.sslmode
-        || fresh.upstream.sslrootcert != old.upstream.sslrootcert
-    {
-        needs_restart.push("upstream.sslmode/sslrootcert (pools already open)");
     }
     proxy.reload_security(&fresh)?;
     if let Some(cache) = &proxy.cache {
@@ -581,5 +589,24 @@ pub fn reload(proxy: &Proxy) -> Result<String, String> {
             "RELOAD (restart needed for: {})",
             needs_restart.join(", ")
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_a_running_process_keeps_are_named_on_reload() {
+        let old = Config::default();
+        let mut fresh = old.clone();
+        fresh.pool.size += 1;
+        assert!(restart_needed_for(&old, &fresh).is_empty());
+        fresh.worker_threads = 1;
+        fresh.redis.admit = "reuse".into();
+        assert_eq!(
+            restart_needed_for(&old, &fresh),
+            ["worker_threads", "[redis]"]
+        );
     }
 }

@@ -6,10 +6,14 @@
 //! The knowledge is complete only once the subscription has been up for
 //! as long as an entry can live (`warmup`): entries stored before that were
 //! never announced to this instance, so until then every lookup asks Redis.
-//! Losing the bus ends completeness until it is back and warm again. An
-//! announcement that was missed costs a Redis hit (the query goes to
-//! Postgres instead), never a stale row: entries are still read and checked
-//! as before when they are looked up.
+//! A scan of Redis (for each subscription) makes it complete sooner.
+//! Losing the bus suspends completeness until the bus is back. A set that
+//! was complete before is trusted again at once: what was announced while
+//! the bus was down is missed only until the new subscription's scan has
+//! found it, and a long rescan of a shared Redis does not send every miss
+//! to Redis meanwhile. An announcement that was missed costs a Redis hit
+//! (the query goes to Postgres instead), never a stale row: entries are
+//! still read and checked as before when they are looked up.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -62,6 +66,9 @@ pub struct Presence {
     /// From when the set holds every live entry; `None` while the bus is
     /// down.
     complete_from: Mutex<Option<Instant>>,
+    /// The set was complete when the bus was lost (changed only under
+    /// `complete_from`'s lock).
+    resumable: AtomicBool,
     warmup: Mutex<Duration>,
     /// Counts subscriptions, so a scan of Redis finishing after the bus
     /// was lost and regained does not vouch for the new subscription.
@@ -76,6 +83,7 @@ impl Presence {
             overflowed: AtomicBool::new(capacity == 0),
             started: Instant::now(),
             complete_from: Mutex::new(None),
+            resumable: AtomicBool::new(false),
             warmup: Mutex::new(Duration::from_secs(3600)),
             subscriptions: AtomicU64::new(0),
         }
@@ -122,8 +130,12 @@ impl Presence {
     /// number for `scanned`.
     pub fn subscribed(&self) -> u64 {
         let warmup = *self.warmup.lock().unwrap_or_else(|e| e.into_inner());
-        *self.complete_from.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Instant::now() + warmup);
+        let mut complete_from = self.complete_from.lock().unwrap_or_else(|e| e.into_inner());
+        *complete_from = Some(if self.resumable.swap(false, Ordering::Relaxed) {
+            Instant::now()
+        } else {
+            Instant::now() + warmup
+        });
         self.subscriptions.fetch_add(1, Ordering::SeqCst) + 1
     }
 
@@ -154,7 +166,12 @@ impl Presence {
 
     /// The subscription is down: announcements may be missed.
     pub fn lost(&self) {
-        *self.complete_from.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut complete_from = self.complete_from.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the first report of a loss knows whether the set was complete.
+        if let Some(from) = complete_from.take() {
+            self.resumable
+                .store(Instant::now() >= from, Ordering::Relaxed);
+        }
     }
 
     /// Whether Redis surely holds no entry with this id. After an
@@ -234,7 +251,20 @@ mod tests {
         assert_eq!(presence.record_announcement(&payload[..7]), 0);
         presence.lost();
         assert!(!presence.surely_absent(2));
+        presence.lost();
         presence.set_warmup(Duration::from_secs(60));
+        presence.subscribed();
+        assert!(
+            presence.surely_absent(2),
+            "complete before the loss, so again at once"
+        );
+        assert!(!presence.surely_absent(1));
+
+        // Lost before it was ever complete: back to warming up.
+        let presence = Presence::new(100);
+        presence.set_warmup(Duration::from_secs(60));
+        presence.subscribed();
+        presence.lost();
         let first = presence.subscribed();
         assert!(!presence.surely_absent(2), "still warming up");
         let second = presence.subscribed();

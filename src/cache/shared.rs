@@ -329,15 +329,18 @@ impl SharedTier {
             && now_micros().saturating_sub(self.last_heard.load(Ordering::SeqCst)) < lease
     }
 
-    /// Announces this instance on the bus.
+    /// Announces this instance on the bus. Sent while the circuit is open
+    /// too: the subscription may well still deliver, and silence would
+    /// restart it (and the scan that follows) for a Redis that was only
+    /// slow for a moment. Its outcome counts as any command's, so the first
+    /// heartbeat Redis answers in time closes the circuit again.
     pub async fn heartbeat(&self) -> Result<(), SharedError> {
-        self.run::<i64>(
-            redis::cmd(self.publish_command())
-                .arg(self.channel())
-                .arg("hb"),
-        )
-        .await
-        .map(|_| ())
+        let mut conn = self.connection_despite_circuit().await?;
+        let mut publish = redis::cmd(self.publish_command());
+        publish.arg(self.channel()).arg("hb");
+        let result =
+            tokio::time::timeout(self.config.timeout, publish.query_async::<i64>(&mut conn)).await;
+        self.finish(result).map(|_| ())
     }
 
     /// Records every entry in Redis under our prefix (single Redis or
@@ -497,6 +500,24 @@ impl SharedTier {
         }
     }
 
+    /// A connection even while the circuit is open: the circuit spares
+    /// clients' lookups, not the work that keeps other instances right
+    /// (bumps) or shows the bus alive (heartbeats).
+    async fn connection_despite_circuit(&self) -> Result<Connection, SharedError> {
+        if let Some(c) = self.cached_connection() {
+            return Ok(c);
+        }
+        match self.connection().await {
+            Err(SharedError::CircuitOpen) => {
+                match tokio::time::timeout(self.config.connect_timeout, self.connect()).await {
+                    Ok(connected) => connected,
+                    Err(_) => Err(SharedError::Timeout),
+                }
+            }
+            other => other,
+        }
+    }
+
     async fn connect(&self) -> Result<Connection, SharedError> {
         if self.config.cluster {
             let client = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
@@ -618,20 +639,7 @@ impl SharedTier {
     }
 
     async fn try_bump(&self, database: u32, tables: &[u32]) -> Result<Vec<u64>, SharedError> {
-        let mut conn = match self.connection().await {
-            Ok(conn) => conn,
-            // The circuit spares lookups, not writes: ask anyway.
-            Err(SharedError::CircuitOpen) => {
-                let connected =
-                    tokio::time::timeout(self.config.connect_timeout, self.connect()).await;
-                match connected {
-                    Ok(Ok(conn)) => conn,
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => return Err(SharedError::Timeout),
-                }
-            }
-            Err(e) => return Err(e),
-        };
+        let mut conn = self.connection_despite_circuit().await?;
         let mut invocation = self.bump_script.prepare_invoke();
         for &t in tables {
             invocation.key(self.generation_key(database, t));
