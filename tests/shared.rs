@@ -315,8 +315,7 @@ async fn large_results_are_stored_compressed() {
     assert_eq!(scalar(&pair.cb, &sql).await, expected);
     assert_eq!(shared(&pair.b).stats.hits.load(Ordering::Relaxed), 1);
 
-    let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection("redis://127.0.0.1:6379").await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}:r:*", pair.prefix))
         .query_async(&mut conn)
@@ -439,8 +438,7 @@ async fn corrupt_values_in_redis_are_never_served() {
     let ca = a.connect("test").await;
     let sql = format!("SELECT v FROM {t}");
     assert_eq!(read_and_wait_for_fill(&a, &ca, &sql).await, "right");
-    let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection("redis://127.0.0.1:6379").await;
     let pattern = format!("{prefix}:r:*");
     let deadline = Instant::now() + Duration::from_secs(5);
     let keys: Vec<String> = loop {
@@ -502,6 +500,15 @@ struct OwnRedis {
     child: Child,
     port: u16,
     _dir: tempfile::TempDir,
+}
+
+/// A plain connection for the test's own commands to Redis.
+async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
 }
 
 fn free_port() -> u16 {
@@ -576,8 +583,7 @@ async fn losing_the_bus_stops_local_hits_until_it_is_back() {
     let sql = format!("SELECT v FROM {t}");
     assert_eq!(scalar(&cb, &sql).await, "1");
 
-    let redis = redis::Client::open(own.url()).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&own.url()).await;
     let _: i64 = redis::cmd("CLIENT")
         .arg("KILL")
         .arg("TYPE")
@@ -634,8 +640,7 @@ async fn two_pgstash_on_a_redis_cluster() {
     // Wait until every node agrees the cluster is up.
     let deadline = Instant::now() + Duration::from_secs(20);
     for node in &nodes {
-        let client = redis::Client::open(node.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut conn = redis_connection(&node.url()).await;
         loop {
             let info: String = redis::cmd("CLUSTER")
                 .arg("INFO")
@@ -658,8 +663,7 @@ async fn two_pgstash_on_a_redis_cluster() {
     let channel = format!("{}:{{bus}}invalidate", pair.prefix);
     let mut node_connections = Vec::new();
     for node in &nodes {
-        let client = redis::Client::open(node.url()).unwrap();
-        node_connections.push(client.get_multiplexed_async_connection().await.unwrap());
+        node_connections.push(redis_connection(&node.url()).await);
     }
     let (mut sharded, mut plain) = (0, 0);
     for conn in &mut node_connections {
@@ -1071,11 +1075,7 @@ async fn the_presence_scan_survives_dropped_connections() {
     use pgstash::config::RedisConfig;
 
     let redis = OwnRedis::start_with(&["--enable-debug-command", "local"]);
-    let mut admin = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = redis_connection(&redis.url()).await;
     // Others' keys, so that the scan takes a few hundred steps.
     let () = redis::cmd("DEBUG")
         .arg("POPULATE")
@@ -1192,11 +1192,7 @@ async fn admit_reuse_stores_only_results_read_again() {
     tokio::time::sleep(aged).await;
     assert_eq!(scalar(&ca, &sql).await, "5");
     wait_for_stat(&a, "the store of A's reused result", stored, 0).await;
-    let mut redis = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = redis_connection(url).await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}:r:*"))
         .query_async(&mut redis)
@@ -1253,11 +1249,7 @@ async fn a_moment_of_redis_stall_neither_restarts_the_bus_nor_keeps_the_circuit_
     let tier = shared(&proxy);
     assert_eq!(tier.stats.subscriptions.load(Ordering::Relaxed), 1);
 
-    let mut admin = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = redis_connection(&redis.url()).await;
     let () = redis::cmd("CLIENT")
         .arg(&["PAUSE", "300", "ALL"])
         .query_async(&mut admin)

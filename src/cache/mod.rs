@@ -263,10 +263,7 @@ impl Cache {
             drop(leader);
             return;
         };
-        // While the bus delivers every bump, the local mirror of the
-        // generations is as good as Redis's (the entry's key carries its
-        // generations, so a bump still in flight makes it unreachable).
-        if shared.bus_fresh() && self.generations.is_current(&snapshot) {
+        if self.mirror_vouches_for(&shared, &snapshot) {
             self.keep_fill(&shared, key, snapshot, stored, ttl);
             self.stats.fill(true);
             drop(leader);
@@ -296,6 +293,14 @@ impl Cache {
         });
     }
 
+    /// Whether `snapshot` may be stored in Redis on the local mirror's word.
+    /// While the bus delivers every bump, the mirror of the generations is
+    /// as good as Redis's (the entry's key carries its generations, so a
+    /// bump still in flight makes it unreachable).
+    fn mirror_vouches_for(&self, shared: &SharedTier, snapshot: &Snapshot) -> bool {
+        shared.bus_fresh() && self.generations.is_current(snapshot)
+    }
+
     /// Puts a current fill in the local tier, and in Redis unless
     /// admission waits for the result to be read again.
     fn keep_fill(
@@ -317,13 +322,18 @@ impl Cache {
 
     /// A local hit is being served from `entry`: if Redis does not have it
     /// yet (admission waited for this reuse), it is stored there now, for
-    /// the TTL it has left.
+    /// the TTL it has left, under the same rule as a fill. A hit served
+    /// while the bus is down (`on_failure = "local"`) stores nothing.
     pub fn local_hit(&self, key: u128, entry: &Entry) {
-        if !entry.unshared.load(Ordering::Relaxed) || !entry.unshared.swap(false, Ordering::Relaxed)
-        {
+        if !entry.unshared.load(Ordering::Relaxed) {
             return;
         }
         let Some(shared) = &self.shared else { return };
+        if !self.mirror_vouches_for(shared, &entry.snapshot)
+            || !entry.unshared.swap(false, Ordering::Relaxed)
+        {
+            return;
+        }
         let age = entry.stored_at.elapsed();
         let Some(left) = entry.ttl.checked_sub(age).filter(|d| !d.is_zero()) else {
             return;
@@ -344,10 +354,7 @@ impl Cache {
         stored: StoredResult,
         left: std::time::Duration,
     ) {
-        self.local.insert(
-            key,
-            Entry::new(snapshot, stored.payload, stored.row_description, left),
-        );
+        self.local.insert(key, entry(snapshot, stored, left));
     }
 
     /// The databases whose catalogs are loaded: (name, OID).

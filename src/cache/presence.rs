@@ -55,6 +55,16 @@ struct Shard {
 /// How long a full shard waits before it is swept again.
 const SWEEP_INTERVAL_MS: u64 = 1000;
 
+/// How far the set can be trusted to hold every live entry.
+#[derive(Clone, Copy)]
+enum Completeness {
+    /// Subscribed: complete from this instant (once warm, or scanned).
+    From(Instant),
+    /// The bus is down. `was_complete`: the set was complete when it was
+    /// lost, so it is again as soon as the bus is back.
+    Down { was_complete: bool },
+}
+
 pub struct Presence {
     shards: Vec<Mutex<Shard>>,
     /// Ids per shard before expired ones are swept out.
@@ -63,12 +73,7 @@ pub struct Presence {
     /// nothing is sure until a sweep makes room again.
     overflowed: AtomicBool,
     started: Instant,
-    /// From when the set holds every live entry; `None` while the bus is
-    /// down.
-    complete_from: Mutex<Option<Instant>>,
-    /// The set was complete when the bus was lost (changed only under
-    /// `complete_from`'s lock).
-    resumable: AtomicBool,
+    completeness: Mutex<Completeness>,
     warmup: Mutex<Duration>,
     /// Counts subscriptions, so a scan of Redis finishing after the bus
     /// was lost and regained does not vouch for the new subscription.
@@ -82,8 +87,9 @@ impl Presence {
             shard_capacity: (capacity as usize).div_ceil(SHARDS),
             overflowed: AtomicBool::new(capacity == 0),
             started: Instant::now(),
-            complete_from: Mutex::new(None),
-            resumable: AtomicBool::new(false),
+            completeness: Mutex::new(Completeness::Down {
+                was_complete: false,
+            }),
             warmup: Mutex::new(Duration::from_secs(3600)),
             subscriptions: AtomicU64::new(0),
         }
@@ -130,32 +136,34 @@ impl Presence {
     /// number for `scanned`.
     pub fn subscribed(&self) -> u64 {
         let warmup = *self.warmup.lock().unwrap_or_else(|e| e.into_inner());
-        let mut complete_from = self.complete_from.lock().unwrap_or_else(|e| e.into_inner());
-        *complete_from = Some(if self.resumable.swap(false, Ordering::Relaxed) {
-            Instant::now()
-        } else {
-            Instant::now() + warmup
+        let mut completeness = self.completeness();
+        *completeness = Completeness::From(match *completeness {
+            Completeness::Down { was_complete: true } => Instant::now(),
+            _ => Instant::now() + warmup,
         });
         self.subscriptions.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn completeness(&self) -> std::sync::MutexGuard<'_, Completeness> {
+        self.completeness.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every entry that was in Redis when subscription number
     /// `subscription` started has been recorded (by scanning Redis): the
     /// set is complete without waiting for old entries to expire.
     pub fn scanned(&self, subscription: u64) {
-        let mut complete_from = self.complete_from.lock().unwrap_or_else(|e| e.into_inner());
-        if complete_from.is_some() && self.subscriptions.load(Ordering::SeqCst) == subscription {
-            *complete_from = Some(Instant::now());
+        let mut completeness = self.completeness();
+        if matches!(*completeness, Completeness::From(_))
+            && self.subscriptions.load(Ordering::SeqCst) == subscription
+        {
+            *completeness = Completeness::From(Instant::now());
         }
     }
 
     /// Whether subscription number `subscription` is still the one
     /// announcements arrive on.
     pub fn is_current(&self, subscription: u64) -> bool {
-        self.complete_from
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        matches!(*self.completeness(), Completeness::From(_))
             && self.subscriptions.load(Ordering::SeqCst) == subscription
     }
 
@@ -166,11 +174,12 @@ impl Presence {
 
     /// The subscription is down: announcements may be missed.
     pub fn lost(&self) {
-        let mut complete_from = self.complete_from.lock().unwrap_or_else(|e| e.into_inner());
+        let mut completeness = self.completeness();
         // Only the first report of a loss knows whether the set was complete.
-        if let Some(from) = complete_from.take() {
-            self.resumable
-                .store(Instant::now() >= from, Ordering::Relaxed);
+        if let Completeness::From(from) = *completeness {
+            *completeness = Completeness::Down {
+                was_complete: Instant::now() >= from,
+            };
         }
     }
 
@@ -180,11 +189,8 @@ impl Presence {
         if self.overflowed() {
             return false;
         }
-        let complete = self
-            .complete_from
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|from| Instant::now() >= from);
+        let complete =
+            matches!(*self.completeness(), Completeness::From(from) if Instant::now() >= from);
         if !complete {
             return false;
         }
