@@ -479,6 +479,9 @@ fn show_cache(proxy: &Proxy) -> Table {
             add("redis_stored", get(&r.stored).to_string());
             add("redis_lookups_skipped", get(&r.skipped).to_string());
             add("redis_stores_deferred", get(&r.deferred).to_string());
+            if let Some(polled) = shared.busy_polled() {
+                add("redis_busy_polled_ms", polled.as_millis().to_string());
+            }
             add(
                 "redis_circuit",
                 if shared.circuit_open() {

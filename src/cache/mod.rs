@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod bus;
+pub mod busy_poll;
 pub mod catalog;
 pub mod flight;
 pub mod generations;

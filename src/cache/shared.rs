@@ -17,6 +17,7 @@ use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Valu
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::admission::FirstFills;
+use super::busy_poll::BusyPoll;
 use super::generations::Snapshot;
 use super::presence::Presence;
 use crate::config::RedisConfig;
@@ -165,6 +166,7 @@ pub struct SharedTier {
     instance: [u8; 8],
     /// Lookups waiting to go out together (single Redis or Sentinel).
     lookups: Mutex<Vec<PendingLookup>>,
+    busy_poll: Option<Arc<BusyPoll>>,
     /// With `admit = "reuse"`: fills waiting for a second one.
     first_fills: Option<FirstFills>,
 }
@@ -180,6 +182,14 @@ struct PendingLookup {
 /// The lookup that found the queue empty sends the batch; if it is
 /// dropped first (its client left), the batch is sent from a task of its
 /// own so the others are not left waiting.
+impl Drop for SharedTier {
+    fn drop(&mut self) {
+        if let Some(poll) = &self.busy_poll {
+            poll.stop();
+        }
+    }
+}
+
 struct BatchLeader<'a> {
     tier: &'a Arc<SharedTier>,
     sent: bool,
@@ -252,6 +262,9 @@ impl SharedTier {
             presence: Presence::new(config.presence_capacity),
             instance: rand::random(),
             lookups: Mutex::new(Vec::new()),
+            busy_poll: runtime
+                .as_ref()
+                .and_then(|runtime| BusyPoll::start(config.busy_poll, runtime)),
             first_fills: (config.admit == "reuse").then(FirstFills::default),
             config,
             urls,
@@ -267,6 +280,12 @@ impl SharedTier {
             runtime.spawn(write_behind(Arc::downgrade(&tier), receiver));
         }
         tier
+    }
+
+    /// Time spent polling for lookups' replies (`busy_poll`); `None` when
+    /// off.
+    pub fn busy_polled(&self) -> Option<Duration> {
+        self.busy_poll.as_ref().map(|poll| poll.polled())
     }
 
     pub fn config(&self) -> &RedisConfig {
@@ -688,11 +707,13 @@ impl SharedTier {
             return Ok(None);
         }
         let redis_key = self.entry_key_of(key, generations);
+        let awaiting = self.busy_poll.as_ref().map(|poll| poll.awaiting_reply());
         let value = if self.config.cluster {
             self.run(redis::cmd("GET").arg(&redis_key)).await?
         } else {
             self.get_batched(redis_key).await?
         };
+        drop(awaiting);
         let Some(value) = value else {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
