@@ -841,6 +841,15 @@ mod tests {
     }
 
     #[test]
+    fn busy_poll_is_off_by_default_and_within_the_redis_timeout() {
+        assert_eq!(Config::default().redis.busy_poll, Duration::ZERO);
+        let on = Config::from_toml_and_env("[redis]\nbusy_poll = \"50us\"\n", &[]).unwrap();
+        assert_eq!(on.redis.busy_poll, Duration::from_micros(50));
+        let past = "[redis]\ntimeout = \"10ms\"\nbusy_poll = \"20ms\"\n";
+        assert!(Config::from_toml_and_env(past, &[]).is_err());
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         assert!(Config::from_toml_and_env("[pool]\nsise = 3\n", &[]).is_err());
     }

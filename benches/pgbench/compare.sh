@@ -54,6 +54,10 @@
 #                              the rows to run, in this order (any subset)
 #          TARGETS="direct pgbouncer off on redis-only local+redis miss-local miss-redis miss-reuse"
 #                              the targets to run, in this order (any subset)
+#          BUSY_POLL=50us      [redis] busy_poll of the Redis targets: Redis
+#                              runs on this host, where polling for its
+#                              replies saves a wake-up per lookup; 0s is
+#                              the shipped default
 #          WORKERS=1           pgstash's worker_threads: one, like PgBouncer's
 #                              single thread and a sidecar given one core;
 #                              0 is one per CPU
@@ -96,6 +100,7 @@ ROUNDS=${ROUNDS:-1}
 WORKLOADS=${WORKLOADS:-select_simple select_prepared single single_prepared tpcb mix90 mix50}
 TARGETS=${TARGETS:-direct pgbouncer off on redis-only local+redis miss-local miss-redis miss-reuse}
 WORKERS=${WORKERS:-1}
+BUSY_POLL=${BUSY_POLL:-50us}
 WARMUP=${WARMUP:-1}
 MISS_TTL=${MISS_TTL:-1h}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
@@ -359,8 +364,8 @@ for target in "${targets[@]}"; do
             printf 'default_ttl = "%s"\ncapacity_bytes = %s\n' "${t_ttl[$target]}" "${t_bytes[$target]}"
         fi
         if [[ -n ${t_prefix[$target]:-} ]]; then
-            printf '\n[redis]\nurl = "%s"\nprefix = "%s"\npresence_capacity = 4000000\nadmit = "%s"\n' \
-                "$REDIS_URL" "${t_prefix[$target]}" "${t_admit[$target]:-fill}"
+            printf '\n[redis]\nurl = "%s"\nprefix = "%s"\npresence_capacity = 4000000\nadmit = "%s"\nbusy_poll = "%s"\n' \
+                "$REDIS_URL" "${t_prefix[$target]}" "${t_admit[$target]:-fill}" "$BUSY_POLL"
         fi
     } >"$config"
     ./target/release/pgstash --config "$config" --listen "127.0.0.1:${port_of[$target]}" \
@@ -648,7 +653,7 @@ versions="PostgreSQL $(psql -X -At -h "$UP_HOST" -p "$UP_PORT" -U postgres -d "$
 [[ $uses_redis == 1 ]] && versions+=", Redis $(rcli INFO server | tr -d '\r' | awk -F: '$1 == "redis_version" { print $2 }')"
 echo "$versions, pgstash $(./target/release/pgstash --version | awk '{ print $2 }')"
 [[ -n $redis_before ]] && echo "$redis_before"
-echo "scale $SCALE ($ACCOUNTS accounts), $CLIENTS clients, $JOBS threads, ${DURATION}s per run, pool size $POOL_SIZE, median of $ROUNDS round(s), pgstash worker_threads $WORKERS"
+echo "scale $SCALE ($ACCOUNTS accounts), $CLIENTS clients, $JOBS threads, ${DURATION}s per run, pool size $POOL_SIZE, median of $ROUNDS round(s), pgstash worker_threads $WORKERS, Redis busy_poll $BUSY_POLL"
 echo "warm-up sweep $([[ $WARMUP != 0 ]] && echo on || echo off) (on, redis-only, local+redis), default_ttl 1h, local capacity $CACHE_BYTES bytes (redis-only: 0); miss-*: default_ttl $MISS_TTL"
 echo
 header "TPS"

@@ -480,7 +480,7 @@ fn show_cache(proxy: &Proxy) -> Table {
             add("redis_lookups_skipped", get(&r.skipped).to_string());
             add("redis_stores_deferred", get(&r.deferred).to_string());
             if let Some(polled) = shared.busy_polled() {
-                add("redis_busy_polled_ms", polled.as_millis().to_string());
+                add("redis_busy_polled_us", polled.as_micros().to_string());
             }
             add(
                 "redis_circuit",
