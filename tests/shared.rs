@@ -896,8 +896,8 @@ async fn redis_with_auth() {
 
 /// With `busy_poll` on, hits and invalidation across instances work as
 /// without it; the time spent polling is counted, and none is spent while
-/// no lookup is waiting for Redis.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// no lookup is waiting for Redis. One worker thread, as the setting needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn busy_polling_changes_only_how_replies_are_awaited() {
     let pair = assert_two_instances_share("redis://127.0.0.1:6379", "busy_poll = \"5ms\"").await;
     let polled = || shared(&pair.b).busy_polled().expect("busy_poll is on");
@@ -905,8 +905,19 @@ async fn busy_polling_changes_only_how_replies_are_awaited() {
         polled() > Duration::ZERO,
         "B's lookups in Redis were answered without polling"
     );
-    // Let the last poll end, then nothing is in flight.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Once the last spin has been counted, nothing is in flight.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = polled();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if polled() == before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still polling 5 s after the last lookup"
+        );
+    }
     let idle = polled();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(polled(), idle, "polled with no lookup waiting for Redis");

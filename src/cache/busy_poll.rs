@@ -1,15 +1,20 @@
-//! Busy polling while a Redis lookup's reply is due (`redis.busy_poll`).
+//! Busy polling while Redis lookups' replies are due (`redis.busy_poll`).
 //!
 //! A Redis-tier hit crosses two more process boundaries than a direct
 //! query, and each crossing that finds the receiving thread asleep pays for
 //! waking it: on a virtual machine that wake-up is often 20–60 µs, several
 //! times what Redis spends on the lookup. While a lookup is in flight, a
-//! poller task keeps its worker thread turning the runtime over (each turn
-//! polls the I/O driver without blocking) instead of letting it sleep in
-//! `epoll_wait`, so the reply is picked up as soon as it lands. The poller
-//! gives up after the configured limit per lookup sent, so a slow or
-//! distant Redis costs at most that much CPU per lookup, and it sleeps
-//! whenever no lookup is in flight.
+//! poller task keeps the runtime's only worker thread turning over instead
+//! of letting it sleep in `epoll_wait`: with nothing else runnable, a
+//! yielded task makes the worker poll the I/O driver without blocking, so
+//! the reply is picked up as soon as it lands. A spin ends when nothing is
+//! in flight or after the configured limit, and only a lookup sent after
+//! that starts another, so a slow or distant Redis costs at most the limit
+//! per burst of lookups.
+//!
+//! Only with one worker thread: with more, a parked worker holds the I/O
+//! driver while it sleeps, so spinning polls nothing and wakes idle
+//! workers instead.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,27 +22,46 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+/// The poller's shared state; the poller task holds one reference and the
+/// shared tier the other.
 pub struct BusyPoll {
     limit: Duration,
+    /// Lookups sent to Redis and not yet answered.
     in_flight: AtomicUsize,
-    sent: Notify,
+    /// Signalled for every lookup sent (and on stop); the permit it leaves
+    /// starts the next spin.
+    lookup_sent: Notify,
     stopped: AtomicBool,
-    /// Time spent polling, in microseconds: the CPU the setting costs.
-    polled_micros: AtomicU64,
+    /// Wall time spent spinning, in nanoseconds: an upper bound on the CPU
+    /// the setting costs (other tasks run between the poller's turns).
+    spun_nanos: AtomicU64,
+    /// A spin is under way.
+    spinning: AtomicBool,
 }
 
 impl BusyPoll {
-    /// Starts the poller on `runtime`; `None` when `limit` is zero (off).
-    pub fn start(limit: Duration, runtime: &tokio::runtime::Handle) -> Option<Arc<BusyPoll>> {
+    /// Starts the poller on the current runtime; `None` when `limit` is
+    /// zero or the runtime has more than one worker thread.
+    pub fn start(limit: Duration) -> Option<Arc<BusyPoll>> {
         if limit.is_zero() {
+            return None;
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let workers = runtime.metrics().num_workers();
+        if workers != 1 {
+            tracing::warn!(
+                workers,
+                "redis.busy_poll is ignored: it needs worker_threads = 1"
+            );
             return None;
         }
         let poll = Arc::new(BusyPoll {
             limit,
             in_flight: AtomicUsize::new(0),
-            sent: Notify::new(),
+            lookup_sent: Notify::new(),
             stopped: AtomicBool::new(false),
-            polled_micros: AtomicU64::new(0),
+            spun_nanos: AtomicU64::new(0),
+            spinning: AtomicBool::new(false),
         });
         runtime.spawn(poll.clone().run());
         Some(poll)
@@ -47,41 +71,45 @@ impl BusyPoll {
     /// (answered, failed or abandoned alike).
     pub fn awaiting_reply(&self) -> AwaitingReply<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.sent.notify_one();
+        self.lookup_sent.notify_one();
         AwaitingReply(self)
     }
 
-    pub fn polled(&self) -> Duration {
-        Duration::from_micros(self.polled_micros.load(Ordering::Relaxed))
+    /// Time spent spinning so far.
+    pub fn spun(&self) -> Duration {
+        Duration::from_nanos(self.spun_nanos.load(Ordering::Relaxed))
     }
 
     /// Ends the poller task.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
-        self.sent.notify_one();
+        self.lookup_sent.notify_one();
     }
 
     async fn run(self: Arc<Self>) {
         loop {
-            // One stored permit per burst of sends: a lookup sent during a
-            // spin starts another spin, one that found nothing to wait for
-            // costs one turn.
-            self.sent.notified().await;
+            self.lookup_sent.notified().await;
+            let began = Instant::now();
+            self.spinning.store(true, Ordering::Relaxed);
+            while self.in_flight.load(Ordering::Relaxed) > 0
+                && !self.stopped.load(Ordering::Relaxed)
+                && began.elapsed() < self.limit
+            {
+                // Deferred until the runtime has run what is ready and
+                // polled the I/O driver without blocking.
+                tokio::task::yield_now().await;
+            }
+            let spun = began.elapsed().as_nanos() as u64;
+            self.spun_nanos.fetch_add(spun, Ordering::Relaxed);
+            self.spinning.store(false, Ordering::Relaxed);
             if self.stopped.load(Ordering::Relaxed) {
                 return;
             }
-            let began = Instant::now();
-            while self.in_flight.load(Ordering::Relaxed) > 0 && began.elapsed() < self.limit {
-                // Yielding defers this task until the runtime has run what
-                // is ready and polled the I/O driver without blocking.
-                tokio::task::yield_now().await;
-            }
-            let polled = began.elapsed().as_micros() as u64;
-            self.polled_micros.fetch_add(polled, Ordering::Relaxed);
         }
     }
 }
 
+/// A lookup in flight, for as long as it lives.
 pub struct AwaitingReply<'a>(&'a BusyPoll);
 
 impl Drop for AwaitingReply<'_> {
@@ -94,41 +122,54 @@ impl Drop for AwaitingReply<'_> {
 mod tests {
     use super::*;
 
-    fn runtime() -> tokio::runtime::Handle {
-        tokio::runtime::Handle::current()
+    /// Waits until the poller is (`true`) or is not (`false`) in a spin.
+    async fn until_spinning(poll: &BusyPoll, spinning: bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while poll.spinning.load(Ordering::Relaxed) != spinning {
+            assert!(
+                Instant::now() < deadline,
+                "spinning never became {spinning}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn the_poller_polls_while_a_reply_is_due_and_for_no_longer_than_its_limit() {
-        assert!(BusyPoll::start(Duration::ZERO, &runtime()).is_none());
-        let poll = BusyPoll::start(Duration::from_millis(30), &runtime()).unwrap();
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_poller_spins_while_a_reply_is_due_and_no_longer_than_its_limit() {
+        assert!(BusyPoll::start(Duration::ZERO).is_none());
+        let poll = BusyPoll::start(Duration::from_secs(10)).unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(
-            poll.polled(),
-            Duration::ZERO,
-            "nothing in flight, nothing polled"
-        );
+        assert_eq!(poll.spun(), Duration::ZERO, "nothing in flight, no spin");
 
-        // A reply answered after 10 ms: polled until then.
+        // Answered 10 ms into the spin: spun from the send to the answer.
+        let sent = Instant::now();
         let reply = poll.awaiting_reply();
+        until_spinning(&poll, true).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
         drop(reply);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let answered = poll.polled();
+        until_spinning(&poll, false).await;
+        let answered = poll.spun();
         assert!(
-            answered >= Duration::from_millis(9) && answered < Duration::from_millis(30),
-            "polled {answered:?} for a reply due 10 ms"
-        );
-
-        // A reply that never comes: polled for the limit, then not again
-        // until another lookup is sent.
-        let _stuck = poll.awaiting_reply();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let given_up = poll.polled() - answered;
-        assert!(
-            given_up >= Duration::from_millis(30) && given_up < Duration::from_millis(60),
-            "polled {given_up:?} with a limit of 30 ms"
+            answered >= Duration::from_millis(10) && answered <= sent.elapsed(),
+            "spun {answered:?} for a reply answered 10 ms into the spin"
         );
         poll.stop();
+
+        // Never answered: spun for the limit, then not again while the
+        // same lookup stays in flight.
+        let poll = BusyPoll::start(Duration::from_millis(30)).unwrap();
+        let _stuck = poll.awaiting_reply();
+        until_spinning(&poll, true).await;
+        until_spinning(&poll, false).await;
+        let given_up = poll.spun();
+        assert!(given_up >= Duration::from_millis(30), "spun {given_up:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(poll.spun(), given_up, "spun again for the same lookup");
+        poll.stop();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn more_than_one_worker_thread_turns_it_off() {
+        assert!(BusyPoll::start(Duration::from_micros(50)).is_none());
     }
 }

@@ -17,7 +17,7 @@ use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Valu
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::admission::FirstFills;
-use super::busy_poll::BusyPoll;
+use super::busy_poll::{AwaitingReply, BusyPoll};
 use super::generations::Snapshot;
 use super::presence::Presence;
 use crate::config::RedisConfig;
@@ -166,6 +166,8 @@ pub struct SharedTier {
     instance: [u8; 8],
     /// Lookups waiting to go out together (single Redis or Sentinel).
     lookups: Mutex<Vec<PendingLookup>>,
+    /// Keeps the worker polling while lookups' replies are due
+    /// (`busy_poll`).
     busy_poll: Option<Arc<BusyPoll>>,
     /// With `admit = "reuse"`: fills waiting for a second one.
     first_fills: Option<FirstFills>,
@@ -182,14 +184,6 @@ struct PendingLookup {
 /// The lookup that found the queue empty sends the batch; if it is
 /// dropped first (its client left), the batch is sent from a task of its
 /// own so the others are not left waiting.
-impl Drop for SharedTier {
-    fn drop(&mut self) {
-        if let Some(poll) = &self.busy_poll {
-            poll.stop();
-        }
-    }
-}
-
 struct BatchLeader<'a> {
     tier: &'a Arc<SharedTier>,
     sent: bool,
@@ -247,6 +241,14 @@ const PUT_LINGER: Duration = Duration::from_millis(2);
 const SCAN_RETRY_FIRST: Duration = Duration::from_millis(50);
 const SCAN_RETRY_MAX: Duration = Duration::from_secs(2);
 
+impl Drop for SharedTier {
+    fn drop(&mut self) {
+        if let Some(poll) = &self.busy_poll {
+            poll.stop();
+        }
+    }
+}
+
 impl SharedTier {
     pub fn new(config: RedisConfig) -> Arc<SharedTier> {
         let urls = config
@@ -262,9 +264,7 @@ impl SharedTier {
             presence: Presence::new(config.presence_capacity),
             instance: rand::random(),
             lookups: Mutex::new(Vec::new()),
-            busy_poll: runtime
-                .as_ref()
-                .and_then(|runtime| BusyPoll::start(config.busy_poll, runtime)),
+            busy_poll: BusyPoll::start(config.busy_poll),
             first_fills: (config.admit == "reuse").then(FirstFills::default),
             config,
             urls,
@@ -285,7 +285,12 @@ impl SharedTier {
     /// Time spent polling for lookups' replies (`busy_poll`); `None` when
     /// off.
     pub fn busy_polled(&self) -> Option<Duration> {
-        self.busy_poll.as_ref().map(|poll| poll.polled())
+        self.busy_poll.as_ref().map(|poll| poll.spun())
+    }
+
+    /// Marks a lookup in flight for the poller, if `busy_poll` is on.
+    fn awaiting_reply(&self) -> Option<AwaitingReply<'_>> {
+        self.busy_poll.as_ref().map(|poll| poll.awaiting_reply())
     }
 
     pub fn config(&self) -> &RedisConfig {
@@ -707,13 +712,12 @@ impl SharedTier {
             return Ok(None);
         }
         let redis_key = self.entry_key_of(key, generations);
-        let awaiting = self.busy_poll.as_ref().map(|poll| poll.awaiting_reply());
         let value = if self.config.cluster {
+            let _awaiting = self.awaiting_reply();
             self.run(redis::cmd("GET").arg(&redis_key)).await?
         } else {
             self.get_batched(redis_key).await?
         };
-        drop(awaiting);
         let Some(value) = value else {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
@@ -773,7 +777,11 @@ impl SharedTier {
         for lookup in &batch {
             mget.arg(&lookup.key);
         }
-        match self.run::<Vec<Option<Vec<u8>>>>(&mget).await {
+        let replied = {
+            let _awaiting = self.awaiting_reply();
+            self.run::<Vec<Option<Vec<u8>>>>(&mget).await
+        };
+        match replied {
             Ok(values) if values.len() == batch.len() => {
                 for (lookup, value) in batch.into_iter().zip(values) {
                     let _ = lookup.reply.send(Ok(value));
