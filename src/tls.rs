@@ -307,9 +307,26 @@ impl<T: AsyncRead + AsyncWrite + Unpin> MaybeTls<T> {
             MaybeTls::Plain(stream) => loop {
                 stream.readable().await?;
                 crate::upstream::connection::reserve_for_read(buf);
-                match stream.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    other => return other,
+                let room = buf.capacity() - buf.len();
+                let mut read = None;
+                // A read that did not fill the room it had emptied the
+                // socket: its readiness is cleared now rather than by one
+                // more read that would only say "would block" (a system
+                // call per request saved). Data arriving after it raises
+                // readiness again, and a clear never undoes a newer event.
+                let outcome = stream.try_io(tokio::io::Interest::READABLE, || {
+                    let n = stream.try_read_buf(buf)?;
+                    read = Some(n);
+                    if n > 0 && n < room {
+                        Err(io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(n)
+                    }
+                });
+                match (outcome, read) {
+                    (_, Some(n)) => return Ok(n),
+                    (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    (outcome, None) => return outcome,
                 }
             },
             MaybeTls::Tls(stream) => {

@@ -30,6 +30,11 @@
 #                 behind the client in batches)
 #   miss-reuse    miss-redis with [redis] admit = "reuse": only results
 #                 read again through the instance are stored in Redis
+# After the rounds, miss-local and the miss-redis and miss-reuse targets
+# run select-only prepared at a fixed rate (MISS_RATE) once per round, and
+# the CPU that pgstash, Redis, Postgres and pgbench spent per transaction
+# is read from /proc: at full load the rounds differ by more than what
+# Redis adds to a miss, and the fixed-rate figure says which process pays.
 # Redis targets remember up to 4,000,000 announced entries
 # (presence_capacity), more than the runs store, so lookups of entries
 # nobody stored keep skipping Redis across rounds.
@@ -66,6 +71,10 @@
 #                              miss-* instances; default fits both
 #                              protocols' sweeps
 #          MISS_TTL=1h         default_ttl of the miss-* instances
+#          MISS_RATE=8000      TPS of the fixed-rate miss runs that measure
+#                              each process's CPU per miss (miss-local and
+#                              a miss-redis or miss-reuse target, select-only
+#                              prepared, once per round); 0 skips them
 #          REDIS_URL=redis://127.0.0.1:6379  for the Redis targets (needs
 #                              redis-cli). Each of redis-only and
 #                              local+redis holds some 250 bytes per account
@@ -103,6 +112,7 @@ WORKERS=${WORKERS:-1}
 BUSY_POLL=${BUSY_POLL:-50us}
 WARMUP=${WARMUP:-1}
 MISS_TTL=${MISS_TTL:-1h}
+MISS_RATE=${MISS_RATE:-8000}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 ACCOUNTS=$((100000 * SCALE))
 # A stored result weighs about 190 bytes (payload plus moka's per-entry
@@ -347,7 +357,7 @@ fi
 # the default (60 s) does not; writes through pgstash still invalidate at
 # once. The Redis settings other than url and prefix are the defaults
 # (timeout 25ms, on_failure pass-through): Redis errors are counted per run.
-declare -A port_of metrics_of
+declare -A port_of metrics_of pid_of
 for target in "${targets[@]}"; do
     is_pgstash "$target" || continue
     port_of[$target]=$(free_port)
@@ -371,6 +381,7 @@ for target in "${targets[@]}"; do
     ./target/release/pgstash --config "$config" --listen "127.0.0.1:${port_of[$target]}" \
         --upstream "postgres://postgres@$UP_HOST:$UP_PORT" >"$logs/pgstash-$target.log" 2>&1 &
     pids+=($!)
+    pid_of[$target]=$!
     wait_ready "${port_of[$target]}" "pgstash ($target)" "$DB"
 done
 
@@ -465,7 +476,9 @@ warm_up() {
         note=$(awk -v k="$added" -v g="$grown" 'BEGIN {
             printf ", Redis +%d keys, used_memory %+.1f MB", k, g / 1048576
             if (k > 0) printf " (%.0f bytes/key)", g / k }')
-        [[ $added -gt 0 ]] && mem_rows+=("$target $protocol $added $grown")
+        # Only a sweep that stored (nearly) every account measures a row's
+        # size; later rounds add a few keys beside unrelated changes.
+        [[ $added -ge $((ACCOUNTS / 2)) ]] && mem_rows+=("$target $protocol $added $grown")
     fi
     printf '  warm-up %-11s %-8s %d accounts in %.1fs, %s%% already cached%s\n' "$target" "$protocol" \
         "$ACCOUNTS" "$elapsed" "$(hit_ratio "$before" "$after")" "$note"
@@ -487,6 +500,75 @@ run_pgbench() {
     else
         echo FAIL
     fi
+}
+
+# Machine CPU per miss at a fixed rate. At full load this machine's rounds
+# differ by more than the few percent Redis adds to a miss, and Redis's own
+# CPU competes with Postgres for the same cores; at a rate every target
+# sustains, the CPU each process spends per transaction is steadier, and
+# shows which process pays what.
+
+# Clock ticks (user + system) of every process listed; a process that has
+# gone counts nothing.
+cpu_ticks() {
+    local pid sum=0 t
+    for pid in "$@"; do
+        t=$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null) || continue
+        sum=$((sum + ${t:-0}))
+    done
+    echo "$sum"
+}
+
+declare -A cpu_rows
+# Runs select-only prepared at MISS_RATE through a miss target after a
+# flush, and appends "pgstash redis postgres pgbench" microseconds of CPU
+# per transaction to cpu_rows[target].
+miss_cpu_run() {
+    local target=$1 round=$2 log="$logs/miss-cpu-$1-$2.log" bench before after tps window hz
+    psql -X -q -At -h 127.0.0.1 -p "${port_of[$target]}" -U postgres -d pgstash -c 'CACHE FLUSH' >/dev/null
+    psql -X -q -h "$UP_HOST" -p "$UP_PORT" -U postgres -d "$DB" -c CHECKPOINT >/dev/null
+    pgbench -n -h 127.0.0.1 -p "${port_of[$target]}" -U postgres -c "$CLIENTS" -j "$JOBS" \
+        -T "$DURATION" -R "$MISS_RATE" -S -M prepared "$DB" >"$log" 2>&1 &
+    bench=$!
+    # The first and last second are left out: connections open and close.
+    sleep 1
+    sample() {
+        echo "$(cpu_ticks "${pid_of[$target]}") $(cpu_ticks $(pgrep -x redis-server)) $(cpu_ticks $(pgrep -x postgres)) $(cpu_ticks "$bench")"
+    }
+    before=$(sample)
+    window=$((DURATION - 2))
+    sleep "$window"
+    after=$(sample)
+    wait "$bench" || { echo "compare.sh: pgbench at a fixed rate failed, see $log" >&2; return; }
+    tps=$(awk '/^tps = / { print $3 }' "$log")
+    hz=$(getconf CLK_TCK)
+    cpu_rows[$target]+=$(awk -v b="$before" -v a="$after" -v tps="$tps" -v w="$window" -v hz="$hz" 'BEGIN {
+        split(b, x, " "); split(a, y, " ")
+        for (i = 1; i <= 4; i++) printf "%.1f,", (y[i] - x[i]) / hz * 1e6 / (tps * w)
+        printf " " }')
+    printf '  round %d  miss CPU at %s TPS     %-11s %s tps\n' "$round" "$MISS_RATE" "$target" "$tps"
+}
+
+# The median over rounds of field $2 (1 pgstash, 2 redis, 3 postgres,
+# 4 pgbench, 0 their sum, 5 pgstash + redis) of a target's CPU rows.
+cpu_median() {
+    local target=$1 field=$2 row values=""
+    for row in ${cpu_rows[$target]:-}; do
+        values+="$(awk -v r="$row" -v f="$field" 'BEGIN {
+            split(r, v, ",")
+            if (f == 5) { print v[1] + v[2]; exit }
+            if (f > 0) { print v[f]; exit }
+            print v[1] + v[2] + v[3] + v[4] }') "
+    done
+    median "$values" 1
+}
+
+# What a target's pgstash and Redis spend per miss beyond miss-local's, in
+# percent of miss-local's whole miss: the share the shared tier adds. The
+# other processes' CPU does not depend on the tier and only adds noise.
+cpu_added() {
+    awk -v a="$(cpu_median miss-local 5)" -v b="$(cpu_median "$1" 5)" -v t="$(cpu_median miss-local 0)" \
+        'BEGIN { if (t > 0) printf "%+.1f", 100 * (b - a) / t; else print "n/a" }'
 }
 
 echo "pgbench: -c $CLIENTS -j $JOBS -T $DURATION (single: -c 1 -j 1), pool size $POOL_SIZE, $ROUNDS round(s)"
@@ -542,6 +624,14 @@ for round in $(seq 1 "$ROUNDS"); do
         done
     done
 done
+
+if [[ $MISS_RATE != 0 && -n ${selected[miss-local]:-} && -n ${selected[miss-redis]:-}${selected[miss-reuse]:-} ]]; then
+    for round in $(seq 1 "$ROUNDS"); do
+        for target in miss-local miss-redis miss-reuse; do
+            [[ -n ${selected[$target]:-} ]] && miss_cpu_run "$target" "$round"
+        done
+    done
+fi
 
 # The middle value of the rounds; FAIL if any round failed, - if the
 # target did not run.
@@ -698,6 +788,25 @@ if [[ -n ${selected[miss-local]:-}${selected[miss-redis]:-}${selected[miss-reuse
     echo "  local+% what the local tier's miss adds to cache-off."
 fi
 
+if [[ -n ${cpu_rows[miss-local]:-} ]]; then
+    echo
+    echo "Shared tier, CPU per miss at $MISS_RATE TPS (select-only prepared, cache flushed before each run;"
+    echo "  microseconds of CPU per transaction, by process, median of $ROUNDS round(s))"
+    printf '  %-11s %8s %8s %9s %8s %8s %9s %9s\n' target pgstash redis postgres pgbench total "total+%" "tier+%"
+    base=$(cpu_median miss-local 0)
+    for target in miss-local miss-redis miss-reuse; do
+        [[ -n ${cpu_rows[$target]:-} ]] || continue
+        total=$(cpu_median "$target" 0)
+        vs="" tier=""
+        [[ $target != miss-local ]] && vs="$(added_cost lat "$base" "$total")%" tier="$(cpu_added "$target")%"
+        printf '  %-11s %8s %8s %9s %8s %8s %9s %9s\n' "$target" "$(cpu_median "$target" 1)" "$(cpu_median "$target" 2)" \
+            "$(cpu_median "$target" 3)" "$(cpu_median "$target" 4)" "$total" "$vs" "$tier"
+    done
+    echo "  redis: every redis-server process on this machine (0 when Redis runs elsewhere);"
+    echo "  total+%: the whole machine's CPU per miss over miss-local's; tier+%: what pgstash"
+    echo "  and Redis spend beyond miss-local's, in percent of miss-local's whole miss"
+fi
+
 if [[ ${#mem_rows[@]} -gt 0 ]]; then
     echo
     echo "Redis memory per cached pgbench row (used_memory growth during a sweep / result keys it added)"
@@ -735,6 +844,17 @@ for target in miss-redis miss-reuse; do
         printf '  %-25s %-7s %6s%%  %s\n' "$(label "$w")" "$([[ $kind == tps ]] && echo TPS || echo latency)" "$c" "$verdict"
     done
 done
+
+if [[ -n ${cpu_rows[miss-local]:-} ]]; then
+    for target in miss-redis miss-reuse; do
+        [[ -n ${cpu_rows[$target]:-} ]] || continue
+        c=$(cpu_added "$target")
+        verdict="NOT met"
+        [[ $c != n/a ]] && awk -v c="$c" 'BEGIN { exit !(c <= 5) }' && verdict=met
+        [[ $c == n/a ]] && verdict="n/a"
+        printf 'goal: the shared tier adds <= 5 %% to a miss, CPU at %s TPS (%s, tier+%%): %s%%  %s\n' "$MISS_RATE" "$target" "$c" "$verdict"
+    done
+fi
 
 echo
 echo "hit% is hits / lookups of the run itself, from the instance's /metrics; redis% is the"
