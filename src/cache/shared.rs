@@ -362,9 +362,7 @@ impl SharedTier {
         let mut conn = self.connection_despite_circuit().await?;
         let mut publish = redis::cmd(self.publish_command());
         publish.arg(self.channel()).arg("hb");
-        let result =
-            tokio::time::timeout(self.config.timeout, publish.query_async::<i64>(&mut conn)).await;
-        self.finish(result).map(|_| ())
+        self.query::<i64>(&mut conn, &publish).await.map(|_| ())
     }
 
     /// Records every entry in Redis under our prefix (single Redis or
@@ -567,9 +565,19 @@ impl SharedTier {
     async fn run<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, SharedError> {
         let mut conn = self.connection().await?;
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(self.config.timeout, cmd.query_async::<T>(&mut conn)).await;
+        let result = self.query(&mut conn, cmd).await;
         crate::admin::metrics::redis_latency(started.elapsed());
+        result
+    }
+
+    /// One command on `conn` within the timeout, its outcome counted
+    /// toward the circuit.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Connection,
+        cmd: &Cmd,
+    ) -> Result<T, SharedError> {
+        let result = tokio::time::timeout(self.config.timeout, cmd.query_async::<T>(conn)).await;
         self.finish(result)
     }
 
