@@ -110,8 +110,15 @@ fn main() -> ExitCode {
     }
     init_logging(&config);
     let config_path = cli.config.clone();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.worker_threads > 0 {
+    // One worker runs on the calling thread: the single-threaded scheduler
+    // does no work-stealing bookkeeping (atomics, clock reads per tick),
+    // which the multi-threaded one does even with one worker.
+    let mut runtime = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.worker_threads > 1 {
         runtime.worker_threads(config.worker_threads);
     }
     let runtime = match runtime.enable_all().build() {
