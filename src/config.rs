@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The shortest `redis.heartbeat`: the bus is trusted for three of them,
+/// on a clock that may lag by up to `clock::COARSE_SLACK_MS`.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(20);
+
 pub use crate::tls::{ClientTlsMode, UpstreamSslMode};
 
 #[derive(Debug, thiserror::Error)]
@@ -541,6 +545,14 @@ impl Config {
                 self.redis.busy_poll, self.redis.timeout
             ));
         }
+        if self.redis.heartbeat < MIN_HEARTBEAT {
+            // The bus is trusted for three heartbeats, read on a clock
+            // that may lag by a few milliseconds.
+            return invalid(format!(
+                "redis.heartbeat = {:?}: at least {MIN_HEARTBEAT:?}",
+                self.redis.heartbeat
+            ));
+        }
         if !matches!(self.redis.on_failure.as_str(), "pass-through" | "local") {
             return invalid(format!(
                 "redis.on_failure = {:?}: expected \"pass-through\" or \"local\"",
@@ -847,6 +859,12 @@ mod tests {
         assert_eq!(on.redis.busy_poll, Duration::from_micros(50));
         let past = "[redis]\ntimeout = \"10ms\"\nbusy_poll = \"20ms\"\n";
         assert!(Config::from_toml_and_env(past, &[]).is_err());
+    }
+
+    #[test]
+    fn heartbeats_outlast_the_coarse_clock() {
+        assert!(Config::from_toml_and_env("[redis]\nheartbeat = \"5ms\"\n", &[]).is_err());
+        assert!(Config::from_toml_and_env("[redis]\nheartbeat = \"20ms\"\n", &[]).is_ok());
     }
 
     #[test]

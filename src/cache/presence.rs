@@ -19,7 +19,9 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::coarse_ms;
 
 /// One announced entry: its id and how long it lives (ms).
 const RECORD_LEN: usize = 16 + 4;
@@ -43,7 +45,7 @@ impl Hasher for IdHasher {
     }
 }
 
-/// Id → when it expires (ms since `started`), and when a full shard may
+/// Id → when it expires (`coarse_ms`), and when a full shard may
 /// next be swept: a sweep that found nothing expired is not repeated for
 /// every insert after it.
 #[derive(Default)]
@@ -58,8 +60,9 @@ const SWEEP_INTERVAL_MS: u64 = 1000;
 /// How far the set can be trusted to hold every live entry.
 #[derive(Clone, Copy)]
 enum Completeness {
-    /// Subscribed: complete from this instant (once warm, or scanned).
-    From(Instant),
+    /// Subscribed: complete from this instant (`coarse_ms`; once warm,
+    /// or scanned).
+    From(u64),
     /// The bus is down. `was_complete`: the set was complete when it was
     /// lost, so it is again as soon as the bus is back.
     Down { was_complete: bool },
@@ -72,8 +75,11 @@ pub struct Presence {
     /// A shard was full of live ids: some announcements were dropped, so
     /// nothing is sure until a sweep makes room again.
     overflowed: AtomicBool,
-    started: Instant,
     completeness: Mutex<Completeness>,
+    /// When the set is complete from (`coarse_ms`), as `completeness`
+    /// says; `u64::MAX` while the bus is down. Read by every lookup,
+    /// which needs no lock for it.
+    complete_from: AtomicU64,
     warmup: Mutex<Duration>,
     /// Counts subscriptions, so a scan of Redis finishing after the bus
     /// was lost and regained does not vouch for the new subscription.
@@ -86,17 +92,13 @@ impl Presence {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             shard_capacity: (capacity as usize).div_ceil(SHARDS),
             overflowed: AtomicBool::new(capacity == 0),
-            started: Instant::now(),
             completeness: Mutex::new(Completeness::Down {
                 was_complete: false,
             }),
+            complete_from: AtomicU64::new(u64::MAX),
             warmup: Mutex::new(Duration::from_secs(3600)),
             subscriptions: AtomicU64::new(0),
         }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
     }
 
     fn shard(&self, id: u128) -> std::sync::MutexGuard<'_, Shard> {
@@ -115,7 +117,11 @@ impl Presence {
     }
 
     pub fn insert(&self, id: u128, ttl: Duration) {
-        let now = self.now_ms();
+        self.insert_at(id, ttl, coarse_ms());
+    }
+
+    /// `insert` with the time read once for many.
+    pub fn insert_at(&self, id: u128, ttl: Duration, now: u64) {
         let expires = now.saturating_add(ttl.as_millis() as u64);
         let mut shard = self.shard(id);
         if shard.ids.len() >= self.shard_capacity && !shard.ids.contains_key(&id) {
@@ -137,15 +143,23 @@ impl Presence {
     pub fn subscribed(&self) -> u64 {
         let warmup = *self.warmup.lock().unwrap_or_else(|e| e.into_inner());
         let mut completeness = self.completeness();
-        *completeness = Completeness::From(match *completeness {
-            Completeness::Down { was_complete: true } => Instant::now(),
-            _ => Instant::now() + warmup,
-        });
+        let now = coarse_ms();
+        let from = match *completeness {
+            Completeness::Down { was_complete: true } => now,
+            _ => now.saturating_add(warmup.as_millis() as u64),
+        };
+        self.set_complete_from(&mut completeness, from);
         self.subscriptions.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     fn completeness(&self) -> std::sync::MutexGuard<'_, Completeness> {
         self.completeness.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribed, complete from `from`: kept in both forms under the lock.
+    fn set_complete_from(&self, completeness: &mut Completeness, from: u64) {
+        *completeness = Completeness::From(from);
+        self.complete_from.store(from, Ordering::SeqCst);
     }
 
     /// Every entry that was in Redis when subscription number
@@ -156,7 +170,7 @@ impl Presence {
         if matches!(*completeness, Completeness::From(_))
             && self.subscriptions.load(Ordering::SeqCst) == subscription
         {
-            *completeness = Completeness::From(Instant::now());
+            self.set_complete_from(&mut completeness, coarse_ms());
         }
     }
 
@@ -178,8 +192,9 @@ impl Presence {
         // Only the first report of a loss knows whether the set was complete.
         if let Completeness::From(from) = *completeness {
             *completeness = Completeness::Down {
-                was_complete: Instant::now() >= from,
+                was_complete: coarse_ms() >= from,
             };
+            self.complete_from.store(u64::MAX, Ordering::SeqCst);
         }
     }
 
@@ -189,12 +204,10 @@ impl Presence {
         if self.overflowed() {
             return false;
         }
-        let complete =
-            matches!(*self.completeness(), Completeness::From(from) if Instant::now() >= from);
-        if !complete {
+        let now = coarse_ms();
+        if now < self.complete_from.load(Ordering::SeqCst) {
             return false;
         }
-        let now = self.now_ms();
         !matches!(self.shard(id).ids.get(&id), Some(&expires) if expires > now)
     }
 
@@ -214,11 +227,12 @@ impl Presence {
         if payload.len() % RECORD_LEN != 0 {
             return 0;
         }
+        let now = coarse_ms();
         for record in payload.chunks_exact(RECORD_LEN) {
             let (id, millis) = record.split_at(16);
             let id = u128::from_be_bytes(id.try_into().unwrap_or_default());
             let millis = u32::from_be_bytes(millis.try_into().unwrap_or_default());
-            self.insert(id, Duration::from_millis(u64::from(millis)));
+            self.insert_at(id, Duration::from_millis(u64::from(millis)), now);
         }
         payload.len() / RECORD_LEN
     }
@@ -235,7 +249,8 @@ mod tests {
         presence.subscribed();
         // Ids 0 and 1 land in the same shard, of room for one.
         presence.insert(0, Duration::from_millis(1));
-        std::thread::sleep(Duration::from_millis(5));
+        // Past the expiry on the coarse clock too.
+        std::thread::sleep(Duration::from_millis(1 + 2 * crate::clock::COARSE_SLACK_MS));
         presence.insert(1, Duration::from_secs(60));
         assert!(presence.surely_absent(0), "expired ids are swept out");
         presence.insert(2, Duration::from_secs(60));

@@ -20,6 +20,7 @@ use super::admission::FirstFills;
 use super::busy_poll::{AwaitingReply, BusyPoll};
 use super::generations::Snapshot;
 use super::presence::Presence;
+use crate::clock::{coarse_ms, COARSE_SLACK_MS};
 use crate::config::RedisConfig;
 
 /// INCR every generation key and announce the new values, in one round
@@ -153,7 +154,7 @@ pub struct SharedTier {
     /// The subscription is up and the generations held locally were re-read
     /// after it (re)started: only then may the local tier be trusted.
     pub bus_healthy: AtomicBool,
-    /// When anything last arrived on the bus (µs since the epoch).
+    /// When anything last arrived on the bus (`coarse_ms`).
     last_heard: AtomicU64,
     pub stats: SharedStats,
     /// Stores waiting for the write-behind task, which sends them in
@@ -349,15 +350,20 @@ impl SharedTier {
     }
 
     pub fn heard_now(&self) {
-        self.last_heard.store(now_micros(), Ordering::SeqCst);
+        self.last_heard.store(coarse_ms(), Ordering::SeqCst);
     }
 
     /// The bus is up and has delivered something (at least our own
     /// heartbeat) recently: bumps from other instances are arriving.
     pub fn bus_fresh(&self) -> bool {
-        let lease = (self.config.heartbeat * 3).as_micros() as u64;
+        // Both readings may lag by up to a tick: the slack keeps the lease
+        // from being stretched by that.
+        let lease = (self.config.heartbeat * 3).as_millis() as u64;
         self.bus_healthy.load(Ordering::SeqCst)
-            && now_micros().saturating_sub(self.last_heard.load(Ordering::SeqCst)) < lease
+            && coarse_ms()
+                .saturating_sub(self.last_heard.load(Ordering::SeqCst))
+                .saturating_add(COARSE_SLACK_MS)
+                < lease
     }
 
     /// Announces this instance on the bus. Sent while the circuit is open
@@ -916,8 +922,9 @@ impl SharedTier {
         crate::admin::metrics::redis_latency(started.elapsed());
         if self.finish(result).is_ok() {
             // This instance's own lookups find its entries from now on.
+            let now = coarse_ms();
             for (id, ttl) in records {
-                self.presence.insert(id, ttl);
+                self.presence.insert_at(id, ttl, now);
             }
             self.stats.stored.fetch_add(count, Ordering::Relaxed);
         }
