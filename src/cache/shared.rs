@@ -234,8 +234,10 @@ fn entry_id_of(key: u128, generations: u64) -> u128 {
 }
 
 /// Stores queued beyond this are dropped (a lost store is only a miss for
-/// another instance later).
-const PENDING_PUTS: usize = 4096;
+/// another instance later). Room for a burst of fills while a batch waits
+/// out `PUT_LINGER` and the next is acknowledged: a value's buffers are
+/// shared with the local tier, so a queued store costs about 100 bytes.
+const PENDING_PUTS: usize = 16384;
 const PUT_BATCH: usize = 256;
 /// How long the first store of a batch waits for others. Each batch costs
 /// both sides a write, a read, a reply, an announcement and its delivery
