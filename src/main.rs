@@ -110,17 +110,22 @@ fn main() -> ExitCode {
     }
     init_logging(&config);
     let config_path = cli.config.clone();
+    // 0: one per CPU the process may use (a cgroup quota counts), as tokio
+    // would choose.
+    let workers = match config.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     // One worker runs on the calling thread: the single-threaded scheduler
     // does no work-stealing bookkeeping (atomics, clock reads per tick),
     // which the multi-threaded one does even with one worker.
-    let mut runtime = if config.worker_threads == 1 {
+    let mut runtime = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
+        let mut runtime = tokio::runtime::Builder::new_multi_thread();
+        runtime.worker_threads(workers);
+        runtime
     };
-    if config.worker_threads > 1 {
-        runtime.worker_threads(config.worker_threads);
-    }
     let runtime = match runtime.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

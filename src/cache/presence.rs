@@ -60,9 +60,9 @@ const SWEEP_INTERVAL_MS: u64 = 1000;
 /// How far the set can be trusted to hold every live entry.
 #[derive(Clone, Copy)]
 enum Completeness {
-    /// Subscribed: complete from this instant (`coarse_ms`; once warm,
+    /// Subscribed: complete from `Presence::complete_from` (once warm,
     /// or scanned).
-    From(u64),
+    Subscribed,
     /// The bus is down. `was_complete`: the set was complete when it was
     /// lost, so it is again as soon as the bus is back.
     Down { was_complete: bool },
@@ -76,9 +76,9 @@ pub struct Presence {
     /// nothing is sure until a sweep makes room again.
     overflowed: AtomicBool,
     completeness: Mutex<Completeness>,
-    /// When the set is complete from (`coarse_ms`), as `completeness`
-    /// says; `u64::MAX` while the bus is down. Read by every lookup,
-    /// which needs no lock for it.
+    /// While subscribed, when the set is complete from (`coarse_ms`);
+    /// `u64::MAX` while the bus is down. Set under the `completeness`
+    /// lock; read by every lookup, which takes no lock for it.
     complete_from: AtomicU64,
     warmup: Mutex<Duration>,
     /// Counts subscriptions, so a scan of Redis finishing after the bus
@@ -148,7 +148,8 @@ impl Presence {
             Completeness::Down { was_complete: true } => now,
             _ => now.saturating_add(warmup.as_millis() as u64),
         };
-        self.set_complete_from(&mut completeness, from);
+        *completeness = Completeness::Subscribed;
+        self.complete_from.store(from, Ordering::SeqCst);
         self.subscriptions.fetch_add(1, Ordering::SeqCst) + 1
     }
 
@@ -156,28 +157,22 @@ impl Presence {
         self.completeness.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Subscribed, complete from `from`: kept in both forms under the lock.
-    fn set_complete_from(&self, completeness: &mut Completeness, from: u64) {
-        *completeness = Completeness::From(from);
-        self.complete_from.store(from, Ordering::SeqCst);
-    }
-
     /// Every entry that was in Redis when subscription number
     /// `subscription` started has been recorded (by scanning Redis): the
     /// set is complete without waiting for old entries to expire.
     pub fn scanned(&self, subscription: u64) {
-        let mut completeness = self.completeness();
-        if matches!(*completeness, Completeness::From(_))
+        let completeness = self.completeness();
+        if matches!(*completeness, Completeness::Subscribed)
             && self.subscriptions.load(Ordering::SeqCst) == subscription
         {
-            self.set_complete_from(&mut completeness, coarse_ms());
+            self.complete_from.store(coarse_ms(), Ordering::SeqCst);
         }
     }
 
     /// Whether subscription number `subscription` is still the one
     /// announcements arrive on.
     pub fn is_current(&self, subscription: u64) -> bool {
-        matches!(*self.completeness(), Completeness::From(_))
+        matches!(*self.completeness(), Completeness::Subscribed)
             && self.subscriptions.load(Ordering::SeqCst) == subscription
     }
 
@@ -190,9 +185,9 @@ impl Presence {
     pub fn lost(&self) {
         let mut completeness = self.completeness();
         // Only the first report of a loss knows whether the set was complete.
-        if let Completeness::From(from) = *completeness {
+        if let Completeness::Subscribed = *completeness {
             *completeness = Completeness::Down {
-                was_complete: coarse_ms() >= from,
+                was_complete: coarse_ms() >= self.complete_from.load(Ordering::SeqCst),
             };
             self.complete_from.store(u64::MAX, Ordering::SeqCst);
         }
