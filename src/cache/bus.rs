@@ -115,7 +115,9 @@ async fn subscribe_and_follow(
 
 /// SUBSCRIBE on one Redis (or the master the sentinels name).
 async fn subscribe_plain(url: &str, channels: &[String]) -> Result<Deliveries, String> {
-    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let client = super::shared::with_no_delay(url)
+        .and_then(redis::Client::open)
+        .map_err(|e| e.to_string())?;
     let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
     pubsub
         .subscribe(channels)
@@ -141,6 +143,7 @@ async fn subscribe_sharded(shared: &SharedTier, channels: &[String]) -> Result<D
     let client = redis::cluster::ClusterClientBuilder::new(shared.urls().to_vec())
         .use_protocol(redis::ProtocolVersion::RESP3)
         .push_sender(sender)
+        .tcp_settings(super::shared::no_delay())
         .connection_timeout(shared.config().connect_timeout)
         .response_timeout(shared.config().timeout)
         .build()
