@@ -1309,3 +1309,70 @@ async fn a_moment_of_redis_stall_neither_restarts_the_bus_nor_keeps_the_circuit_
     );
     assert!(proxy.proxy.cache.as_ref().unwrap().local_trusted());
 }
+
+/// A moment of Redis slowness opens the circuit; results filled while it
+/// is open still reach Redis once it answers (stores are written behind,
+/// nobody waits for them), instead of being thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_queued_while_the_circuit_is_open_still_reach_redis() {
+    let redis = OwnRedis::start();
+    // Slow heartbeats keep the bus fresh through the stall, so fills go
+    // on, and leave the circuit open for a while after it; with no
+    // presence set every lookup asks Redis, and times out in the stall.
+    let proxy = TestProxy::start(&format!(
+        "[redis]\nurl = \"{}\"\nprefix = \"open:\"\ntimeout = \"40ms\"\ncircuit_open_for = \"5s\"\n\
+         heartbeat = \"2s\"\npresence_capacity = 0\n",
+        redis.url()
+    ))
+    .await;
+    wait_for_bus(&proxy).await;
+    let tier = shared(&proxy);
+    let client = proxy.connect("test").await;
+    let t = unique("open");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (7)"
+        ))
+        .await
+        .unwrap();
+    // The table's generations are mirrored from here on.
+    read_and_wait_for_fill(&proxy, &client, &format!("SELECT v FROM {t}")).await;
+
+    let mut admin = redis_connection(&redis.url()).await;
+    for attempt in 0.. {
+        assert!(attempt < 3, "heartbeats kept closing the circuit first");
+        let () = redis::cmd("CLIENT")
+            .arg(&["PAUSE", "300", "ALL"])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let mut i = 0;
+        while !tier.circuit_open() {
+            i += 1;
+            assert!(i <= 10, "timed-out lookups never opened the circuit");
+            let sql = format!("SELECT v FROM {t} WHERE v > -{attempt}{i}");
+            assert_eq!(scalar(&client, &sql).await, "7");
+        }
+        // Answered once the pause is over.
+        let () = redis::cmd("PING").query_async(&mut admin).await.unwrap();
+        let stored = tier.stats.stored.load(Ordering::Relaxed);
+        let sql = format!("SELECT v FROM {t} WHERE v > {attempt}");
+        assert_eq!(scalar(&client, &sql).await, "7");
+        if !tier.circuit_open() {
+            // A heartbeat closed the circuit before the fill: try again.
+            continue;
+        }
+        wait_for_stat(
+            &proxy,
+            "the store of a fill made while the circuit was open",
+            |s| s.stats.stored.load(Ordering::Relaxed),
+            stored,
+        )
+        .await;
+        break;
+    }
+    client
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}

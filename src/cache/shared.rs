@@ -539,7 +539,9 @@ impl SharedTier {
 
     /// A connection even while the circuit is open: the circuit spares
     /// clients' lookups, not the work that keeps other instances right
-    /// (bumps) or shows the bus alive (heartbeats).
+    /// (bumps), shows the bus alive (heartbeats) or that nobody waits for
+    /// (stores). A circuit opened by a moment's slowness would otherwise
+    /// throw away every store queued while it was open.
     async fn connection_despite_circuit(&self) -> Result<Connection, SharedError> {
         if let Some(c) = self.cached_connection() {
             return Ok(c);
@@ -871,7 +873,7 @@ impl SharedTier {
     /// command each (concurrently) on a cluster, where a batch's keys lie
     /// in many slots.
     async fn put_batch(&self, batch: &mut Vec<PendingPut>) {
-        let Ok(mut conn) = self.connection().await else {
+        let Ok(mut conn) = self.connection_despite_circuit().await else {
             batch.clear();
             return;
         };
@@ -922,8 +924,15 @@ impl SharedTier {
                 tokio::time::timeout(self.config.timeout * 4, stored_then_announced).await
             }
         };
-        crate::admin::metrics::redis_latency(started.elapsed());
-        if self.finish(result).is_ok() {
+        let took = started.elapsed();
+        crate::admin::metrics::redis_latency(took);
+        let stored = match result {
+            // Answered, but slower than a lookup may wait: it says nothing
+            // for the circuit (a batch may take up to four `timeout`s).
+            Ok(Ok(())) if took > self.config.timeout => true,
+            result => self.finish(result).is_ok(),
+        };
+        if stored {
             // This instance's own lookups find its entries from now on.
             let now = coarse_ms();
             for (id, ttl) in records {
