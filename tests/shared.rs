@@ -1376,3 +1376,52 @@ async fn stores_queued_while_the_circuit_is_open_still_reach_redis() {
         .await
         .unwrap();
 }
+
+/// A write's bump may take `bump_timeout` (over three tries), far longer
+/// than a lookup's `timeout`: a Redis stall longer than the one and
+/// shorter than the other still tells every instance of the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_published_during_a_redis_stall_reaches_the_other_instance() {
+    let redis = OwnRedis::start();
+    let config = format!(
+        "[redis]\nurl = \"{}\"\nprefix = \"bumpstall:\"\ntimeout = \"20ms\"\nbump_timeout = \"3s\"\n",
+        redis.url()
+    );
+    let a = TestProxy::start(&config).await;
+    let b = TestProxy::start(&config).await;
+    wait_for_bus(&a).await;
+    wait_for_bus(&b).await;
+    let (ca, cb) = (a.connect("test").await, b.connect("test").await);
+    let t = unique("bumpstall");
+    ca.batch_execute(&format!(
+        "CREATE TABLE {t} (v int); INSERT INTO {t} VALUES (0)"
+    ))
+    .await
+    .unwrap();
+    let sql = format!("SELECT v FROM {t}");
+    assert_eq!(read_and_wait_for_fill(&b, &cb, &sql).await, "0");
+
+    let mut admin = redis_connection(&redis.url()).await;
+    let () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "200", "ALL"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let sent = shared(&a).stats.bumps_sent.load(Ordering::Relaxed);
+    ca.batch_execute(&format!("UPDATE {t} SET v = 1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        shared(&a).stats.bumps_sent.load(Ordering::Relaxed),
+        sent + 1,
+        "the write's bump did not outlast the stall"
+    );
+    let written = Instant::now();
+    while scalar(&cb, &sql).await != "1" {
+        assert!(
+            written.elapsed() < Duration::from_secs(2),
+            "B still stale 2 s after the write"
+        );
+    }
+    ca.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}

@@ -559,24 +559,44 @@ impl SharedTier {
 
     async fn connect(&self) -> Result<Connection, SharedError> {
         if self.config.cluster {
+            // Each command is bounded by its own timeout; this only has to
+            // outlast the longest of them.
             let client = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
                 .tcp_settings(no_delay())
                 .connection_timeout(self.config.connect_timeout)
-                .response_timeout(self.config.timeout)
+                .response_timeout(self.longest_command())
                 .build()?;
             Ok(Connection::Cluster(client.get_async_connection().await?))
         } else {
             let url = self.bus_url().await?;
             let client = redis::Client::open(with_no_delay(&url)?)?;
+            // Each command is bounded by its own timeout (a lookup's is
+            // `timeout`, a write's bump and a batch of stores may take
+            // longer): a connection-wide one would cut those short.
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(self.config.connect_timeout))
-                .set_response_timeout(Some(self.config.timeout));
+                .set_response_timeout(None);
             Ok(Connection::Single(
                 client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await?,
             ))
         }
+    }
+
+    /// The longest any command may take: a try of a bump, or a batch of
+    /// stores.
+    fn longest_command(&self) -> Duration {
+        self.bump_try_timeout().max(self.store_timeout())
+    }
+
+    /// A write's bump may take `bump_timeout` over its three tries.
+    fn bump_try_timeout(&self) -> Duration {
+        (self.config.bump_timeout / 3).max(self.config.timeout)
+    }
+
+    fn store_timeout(&self) -> Duration {
+        self.config.timeout * 4
     }
 
     /// Runs one command with the timeout and circuit bookkeeping.
@@ -597,6 +617,19 @@ impl SharedTier {
     ) -> Result<T, SharedError> {
         let result = tokio::time::timeout(self.config.timeout, cmd.query_async::<T>(conn)).await;
         self.finish(result)
+    }
+
+    /// `finish` for a command allowed longer than a lookup: answered, but
+    /// later than a lookup may wait, it says nothing for the circuit.
+    fn finish_unhurried<T>(
+        &self,
+        result: Result<RedisResult<T>, tokio::time::error::Elapsed>,
+        took: Duration,
+    ) -> Result<T, SharedError> {
+        match result {
+            Ok(Ok(v)) if took > self.config.timeout => Ok(v),
+            result => self.finish(result),
+        }
     }
 
     fn finish<T>(
@@ -701,12 +734,13 @@ impl SharedTier {
         invocation.arg(self.publish_command());
         let started = Instant::now();
         let result = tokio::time::timeout(
-            self.config.timeout * 4,
+            self.bump_try_timeout(),
             invocation.invoke_async::<Vec<u64>>(&mut conn),
         )
         .await;
-        crate::admin::metrics::redis_latency(started.elapsed());
-        let values = self.finish(result)?;
+        let took = started.elapsed();
+        crate::admin::metrics::redis_latency(took);
+        let values = self.finish_unhurried(result, took)?;
         self.stats.bumps_sent.fetch_add(1, Ordering::Relaxed);
         crate::admin::metrics::bus_message("sent");
         Ok(values)
@@ -906,7 +940,7 @@ impl SharedTier {
                     pipe.add_command(cmd).ignore();
                 }
                 pipe.add_command(publish).ignore();
-                tokio::time::timeout(self.config.timeout * 4, pipe.query_async::<()>(single)).await
+                tokio::time::timeout(self.store_timeout(), pipe.query_async::<()>(single)).await
             }
             Connection::Cluster(cluster) => {
                 let template = cluster.clone();
@@ -921,18 +955,12 @@ impl SharedTier {
                         .collect::<RedisResult<()>>()?;
                     publish.query_async::<()>(cluster).await
                 };
-                tokio::time::timeout(self.config.timeout * 4, stored_then_announced).await
+                tokio::time::timeout(self.store_timeout(), stored_then_announced).await
             }
         };
         let took = started.elapsed();
         crate::admin::metrics::redis_latency(took);
-        let stored = match result {
-            // Answered, but slower than a lookup may wait: it says nothing
-            // for the circuit (a batch may take up to four `timeout`s).
-            Ok(Ok(())) if took > self.config.timeout => true,
-            result => self.finish(result).is_ok(),
-        };
-        if stored {
+        if self.finish_unhurried(result, took).is_ok() {
             // This instance's own lookups find its entries from now on.
             let now = coarse_ms();
             for (id, ttl) in records {
