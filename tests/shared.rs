@@ -511,6 +511,17 @@ async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// Stalls every client of the Redis behind `admin` for `ms` milliseconds.
+async fn pause_redis(admin: &mut redis::aio::MultiplexedConnection, ms: u32) {
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("ALL")
+        .query_async(admin)
+        .await
+        .unwrap();
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -1279,11 +1290,7 @@ async fn a_moment_of_redis_stall_neither_restarts_the_bus_nor_keeps_the_circuit_
     assert_eq!(tier.stats.subscriptions.load(Ordering::Relaxed), 1);
 
     let mut admin = redis_connection(&redis.url()).await;
-    let () = redis::cmd("CLIENT")
-        .arg(&["PAUSE", "300", "ALL"])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    pause_redis(&mut admin, 300).await;
     let deadline = Instant::now() + Duration::from_secs(2);
     while !tier.circuit_open() {
         assert!(
@@ -1341,11 +1348,7 @@ async fn stores_queued_while_the_circuit_is_open_still_reach_redis() {
     let mut admin = redis_connection(&redis.url()).await;
     for attempt in 0.. {
         assert!(attempt < 3, "heartbeats kept closing the circuit first");
-        let () = redis::cmd("CLIENT")
-            .arg(&["PAUSE", "300", "ALL"])
-            .query_async(&mut admin)
-            .await
-            .unwrap();
+        pause_redis(&mut admin, 300).await;
         let mut i = 0;
         while !tier.circuit_open() {
             i += 1;
@@ -1402,11 +1405,7 @@ async fn a_write_published_during_a_redis_stall_reaches_the_other_instance() {
     assert_eq!(read_and_wait_for_fill(&b, &cb, &sql).await, "0");
 
     let mut admin = redis_connection(&redis.url()).await;
-    let () = redis::cmd("CLIENT")
-        .arg(&["PAUSE", "200", "ALL"])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    pause_redis(&mut admin, 200).await;
     let sent = shared(&a).stats.bumps_sent.load(Ordering::Relaxed);
     ca.batch_execute(&format!("UPDATE {t} SET v = 1"))
         .await

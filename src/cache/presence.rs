@@ -47,7 +47,8 @@ impl Hasher for IdHasher {
 /// An id folded to the 64 bits the set keeps: a slot of 16 bytes rather
 /// than the 32 a `u128` key is aligned to, so the set takes half the
 /// memory and its lookups touch less of it. Two live ids that fold alike
-/// make one look present when it is not, which costs a Redis lookup.
+/// share a slot holding the later of their expiries: one may look present
+/// when it is not, which costs a Redis lookup, never the other way round.
 fn folded(id: u128) -> u64 {
     (id as u64) ^ ((id >> 64) as u64)
 }
@@ -143,7 +144,8 @@ impl Presence {
             }
             self.overflowed.store(false, Ordering::Relaxed);
         }
-        shard.ids.insert(id, expires);
+        let slot = shard.ids.entry(id).or_insert(expires);
+        *slot = (*slot).max(expires);
     }
 
     /// The subscription is (again) receiving announcements; returns its
@@ -272,6 +274,12 @@ mod tests {
         presence.insert(announced, Duration::from_secs(60));
         assert!(!presence.surely_absent(announced));
         assert!(!presence.surely_absent(twin), "a twin costs a Redis lookup");
+        presence.insert(twin, Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(1 + 2 * crate::clock::COARSE_SLACK_MS));
+        assert!(
+            !presence.surely_absent(announced),
+            "a twin's shorter life must not hide a live id"
+        );
         assert!(presence.surely_absent(announced ^ 1));
     }
 
