@@ -38,3 +38,11 @@ pub mod session;
 pub mod sql;
 pub mod tls;
 pub mod upstream;
+
+/// Maps and sets on the per-query path. Their keys are hashes already, or
+/// names a client chose within its own session: foldhash with a seed
+/// drawn per process is enough there, and far cheaper than SipHash.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+/// The hasher of the moka caches keyed by statement hashes.
+pub type FastHasher = foldhash::fast::RandomState;

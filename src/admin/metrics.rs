@@ -49,6 +49,13 @@ pub struct Metrics {
     pub invalidations_database: Counter,
     pub hit_duration: Histogram,
     pub upstream_duration: Histogram,
+    local_hits: Counter,
+    redis_hits: Counter,
+    redis_duration: Histogram,
+    evictions_size: Counter,
+    evictions_expired: Counter,
+    evictions_replaced: Counter,
+    evictions_explicit: Counter,
 }
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -87,6 +94,13 @@ pub fn get() -> &'static Metrics {
             invalidations_database: counter!("pgstash_cache_invalidations_total", "scope" => "database"),
             hit_duration: histogram!("pgstash_cache_hit_duration_seconds"),
             upstream_duration: histogram!("pgstash_upstream_duration_seconds"),
+            local_hits: counter!("pgstash_cache_hits_total", "tier" => "local"),
+            redis_hits: counter!("pgstash_cache_hits_total", "tier" => "redis"),
+            redis_duration: histogram!("pgstash_redis_duration_seconds"),
+            evictions_size: counter!("pgstash_cache_evictions_total", "cause" => "size"),
+            evictions_expired: counter!("pgstash_cache_evictions_total", "cause" => "expired"),
+            evictions_replaced: counter!("pgstash_cache_evictions_total", "cause" => "replaced"),
+            evictions_explicit: counter!("pgstash_cache_evictions_total", "cause" => "explicit"),
         }
     })
 }
@@ -99,8 +113,20 @@ pub fn cancel_request(outcome: &'static str) {
     counter!("pgstash_cancel_requests_total", "outcome" => outcome).increment(1);
 }
 
-pub fn tier_hit(tier: &'static str) {
-    counter!("pgstash_cache_hits_total", "tier" => tier).increment(1);
+/// Which tier answered a hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    Local,
+    Redis,
+}
+
+pub fn tier_hit(tier: Tier) {
+    let m = get();
+    match tier {
+        Tier::Local => &m.local_hits,
+        Tier::Redis => &m.redis_hits,
+    }
+    .increment(1);
 }
 
 pub fn redis_up(up: bool) {
@@ -111,7 +137,7 @@ pub fn redis_up(up: bool) {
 }
 
 pub fn redis_latency(elapsed: std::time::Duration) {
-    histogram!("pgstash_redis_duration_seconds").record(elapsed);
+    get().redis_duration.record(elapsed);
 }
 
 pub fn redis_corrupt() {
@@ -133,8 +159,16 @@ pub fn bypass(reason: Reason) {
     counter!("pgstash_cache_bypass_total", "reason" => reason.as_str()).increment(1);
 }
 
-pub fn eviction(cause: &'static str) {
-    counter!("pgstash_cache_evictions_total", "cause" => cause).increment(1);
+pub fn eviction(cause: moka::notification::RemovalCause) {
+    use moka::notification::RemovalCause;
+    let m = get();
+    match cause {
+        RemovalCause::Size => &m.evictions_size,
+        RemovalCause::Expired => &m.evictions_expired,
+        RemovalCause::Replaced => &m.evictions_replaced,
+        RemovalCause::Explicit => &m.evictions_explicit,
+    }
+    .increment(1);
 }
 
 pub fn set_gauges(clients: usize, active: usize, idle: usize, entries: u64, bytes: u64) {

@@ -2,15 +2,15 @@
 //! The first miss leads; the others wait for its fill (up to a timeout, so
 //! a slow or failed leader cannot stall them) and then look again.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::FastMap;
 use tokio::sync::Notify;
 
 #[derive(Debug, Default)]
 pub struct Flights {
-    in_flight: Mutex<HashMap<u128, Arc<Notify>>>,
+    in_flight: Mutex<FastMap<u128, Arc<Notify>>>,
 }
 
 /// Held by the leader of a key; dropping it (fill stored or abandoned)

@@ -8,7 +8,7 @@
 //! never repeats and a forgotten table (generation 0) can never be mistaken
 //! for a bumped one.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
@@ -26,7 +26,7 @@ pub struct Snapshot {
 
 #[derive(Default)]
 pub struct Generations {
-    current: RwLock<HashMap<(u32, u32), u64>>,
+    current: RwLock<FastMap<(u32, u32), u64>>,
     clock: AtomicU64,
 }
 

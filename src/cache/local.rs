@@ -9,6 +9,7 @@ use moka::sync::Cache;
 use moka::Expiry;
 
 use super::generations::Snapshot;
+use crate::FastHasher;
 
 /// A stored result: the exact backend bytes, and the generations it was
 /// filled under.
@@ -60,7 +61,7 @@ impl Expiry<u128, Arc<Entry>> for PerEntryTtl {
 }
 
 pub struct LocalTier {
-    entries: Cache<u128, Arc<Entry>>,
+    entries: Cache<u128, Arc<Entry>, FastHasher>,
     /// `capacity_bytes = 0` turns the tier off (Redis then serves alone):
     /// nothing is stored, so nothing is evicted at once either.
     disabled: bool,
@@ -81,18 +82,12 @@ impl LocalTier {
             })
             .expire_after(PerEntryTtl)
             .eviction_listener(move |_key, _entry, cause| {
-                use moka::notification::RemovalCause;
                 if cause.was_evicted() {
                     counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                crate::admin::metrics::eviction(match cause {
-                    RemovalCause::Size => "size",
-                    RemovalCause::Expired => "expired",
-                    RemovalCause::Replaced => "replaced",
-                    RemovalCause::Explicit => "explicit",
-                });
+                crate::admin::metrics::eviction(cause);
             })
-            .build();
+            .build_with_hasher(FastHasher::default());
         LocalTier {
             entries,
             evictions,

@@ -19,13 +19,13 @@ pub mod presence;
 pub mod shapes;
 pub mod shared;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::config::{CacheConfig, RedisConfig, Target};
 use crate::sql::analyze::{analyze, Analysis, Reason};
 use crate::sql::fingerprint::fingerprint;
+use crate::{FastHasher, FastMap};
 use catalog::Catalog;
 use generations::Generations;
 use generations::Snapshot;
@@ -124,8 +124,8 @@ pub struct Cache {
     pub stats: CacheStats,
     pub shapes: shapes::Shapes,
     pub flights: Arc<flight::Flights>,
-    analyses: moka::sync::Cache<u128, Arc<Analysis>>,
-    catalogs: RwLock<HashMap<Target, CatalogSlot>>,
+    analyses: moka::sync::Cache<u128, Arc<Analysis>, FastHasher>,
+    catalogs: RwLock<FastMap<Target, CatalogSlot>>,
 }
 
 impl Cache {
@@ -158,8 +158,10 @@ impl Cache {
             stats: CacheStats::default(),
             shapes: shapes::Shapes::default(),
             flights: Arc::new(flight::Flights::default()),
-            analyses: moka::sync::Cache::new(config.analysis_capacity),
-            catalogs: RwLock::new(HashMap::new()),
+            analyses: moka::sync::Cache::builder()
+                .max_capacity(config.analysis_capacity)
+                .build_with_hasher(FastHasher::default()),
+            catalogs: RwLock::new(FastMap::default()),
             config: arc_swap::ArcSwap::from_pointee(config),
         }
     }

@@ -10,6 +10,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::caching::Fill;
 use super::{Session, SessionError, Statement};
+use crate::admin::metrics::{self, Tier};
 use crate::cache::key::{statement_key, Protocol};
 use crate::cache::local::Entry;
 use crate::cache::policy::{self, Decision};
@@ -56,7 +57,7 @@ async fn fetch_answer(cache: &Arc<Cache>, database: u32, plan: AnswerPlan) -> Op
     for execute in &plan.executes {
         let (payload, row_description) = match local_hit(cache, execute.key) {
             Some(entry) => {
-                crate::admin::metrics::tier_hit("local");
+                metrics::tier_hit(Tier::Local);
                 cache.local_hit(execute.key, &entry);
                 (entry.payload.clone(), entry.row_description.clone())
             }
@@ -100,7 +101,7 @@ async fn redis_hit(
         .ttl
         .checked_sub(age)
         .filter(|d| !d.is_zero())?;
-    crate::admin::metrics::tier_hit("redis");
+    metrics::tier_hit(Tier::Redis);
     cache.promote(execute.key, snapshot, stored.clone(), left);
     Some((stored.payload, stored.row_description))
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::Session;
+use crate::admin::metrics::{self, Tier};
 use crate::cache::catalog::Catalog;
 use crate::cache::flight::Leader;
 use crate::cache::generations::Snapshot;
@@ -293,7 +294,7 @@ impl Session {
                 {
                     self.out.push_shared(entry.payload.clone());
                     self.push_local_ready();
-                    crate::admin::metrics::tier_hit("local");
+                    metrics::tier_hit(Tier::Local);
                     cache.local_hit(key, &entry);
                     return true;
                 }
@@ -314,7 +315,7 @@ impl Session {
         };
         self.out.push_shared(stored.payload.clone());
         self.push_local_ready();
-        crate::admin::metrics::tier_hit("redis");
+        metrics::tier_hit(Tier::Redis);
         cache.promote(key, snapshot.clone(), stored, left);
         true
     }

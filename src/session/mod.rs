@@ -16,7 +16,7 @@ mod frontend;
 pub mod settings;
 mod startup;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -35,6 +35,7 @@ use crate::sql::analyze::Analysis;
 use crate::sql::effects::{PinReason, SessionEffects};
 use crate::upstream::pool::Pool;
 use crate::upstream::{PooledConn, UpstreamError};
+use crate::FastMap;
 use caching::{CacheSession, Fill, WriteSet};
 use cancel::CancelSlot;
 use settings::ClientSettings;
@@ -149,7 +150,7 @@ pub struct Session {
     /// After an error pgstash raised itself mid-batch, client messages are
     /// dropped until Sync, as Postgres does.
     discard_until_sync: bool,
-    statements: HashMap<Vec<u8>, Arc<Statement>>,
+    statements: FastMap<Vec<u8>, Arc<Statement>>,
     settings: ClientSettings,
     after_batch: AfterBatch,
     cancel_key: (i32, i32),
@@ -161,9 +162,9 @@ pub struct Session {
     /// The analysis behind the unnamed statement and each portal, so an
     /// Execute knows what it writes.
     unnamed: Option<Arc<Statement>>,
-    portal_analysis: HashMap<Vec<u8>, Arc<Analysis>>,
+    portal_analysis: FastMap<Vec<u8>, Arc<Analysis>>,
     /// Keys for portals whose results may be captured.
-    portal_fills: HashMap<Vec<u8>, batch_cache::PortalFill>,
+    portal_fills: FastMap<Vec<u8>, batch_cache::PortalFill>,
     /// The batch being received started with nothing in flight, outside a
     /// transaction, and has run only cacheable reads so far.
     batch_clean: bool,

@@ -21,6 +21,7 @@ use crate::protocol::messages::{self as msg, Severity};
 use crate::protocol::startup::{split_startup, StartupPacket};
 use crate::protocol::Outbox;
 use crate::tls::{ClientStream, MaybeTls, ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD};
+use crate::FastMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupFailure {
@@ -376,7 +377,7 @@ async fn start_session(
         tx_status: b'I',
         pinned: (mode == PoolMode::Session).then_some("session pool mode"),
         discard_until_sync: false,
-        statements: HashMap::new(),
+        statements: FastMap::default(),
         settings: client_settings,
         after_batch: AfterBatch::default(),
         cancel_key,
@@ -385,14 +386,14 @@ async fn start_session(
         database: database.clone(),
         cache_state: Default::default(),
         unnamed: None,
-        portal_fills: HashMap::new(),
+        portal_fills: FastMap::default(),
         batch_clean: false,
         upstream_since: None,
         unsynced: false,
         unnamed_on_server: false,
         info: info.clone(),
         slow_candidate: None,
-        portal_analysis: HashMap::new(),
+        portal_analysis: FastMap::default(),
         copy_in: false,
     };
     if mode == PoolMode::Session {

@@ -3,7 +3,7 @@
 //! SCRAM keys passed through from the client), then read and write raw
 //! frames.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -17,6 +17,7 @@ use crate::config::Target;
 use crate::protocol::frame::{split_frame, Frame, FrameError};
 use crate::protocol::messages::{self as msg, error_fields};
 use crate::tls::{MaybeTls, ServerStream, UpstreamSslMode};
+use crate::FastSet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -116,7 +117,7 @@ pub struct ServerConn {
     /// comparing settings when the same client comes back unchanged.
     pub applied_for: Option<(u64, u64)>,
     /// Server-side prepared statements (pgstash's shared names).
-    pub prepared: HashSet<u128>,
+    pub prepared: FastSet<u128>,
     pub created: Instant,
     pub last_used: Instant,
     /// Set when the connection's state is unknown; it is then closed
@@ -169,7 +170,7 @@ impl ServerConn {
             cancel_addr: addr.clone(),
             settings: BTreeMap::new(),
             applied_for: None,
-            prepared: HashSet::new(),
+            prepared: FastSet::default(),
             created: Instant::now(),
             last_used: Instant::now(),
             broken: false,

@@ -6,7 +6,7 @@
 //! client's wait deadline, and a run of failures opens a circuit that fails
 //! clients fast until a probe connection succeeds again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::connection::{ConnectOptions, ServerConn, UpstreamError, UpstreamSecret, UpstreamTls};
 use crate::config::{Config, PoolConfig, Target};
+use crate::FastSet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -83,7 +84,7 @@ pub struct Pool {
     idle: Mutex<Vec<ServerConn>>,
     circuit: Mutex<Circuit>,
     /// Statements Postgres has accepted on some connection of this pool.
-    known_statements: Mutex<HashSet<u128>>,
+    known_statements: Mutex<FastSet<u128>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -451,7 +452,7 @@ impl PoolSet {
                     generation: AtomicU64::new(0),
                     idle: Mutex::new(Vec::new()),
                     circuit: Mutex::new(Circuit::default()),
-                    known_statements: Mutex::new(HashSet::new()),
+                    known_statements: Mutex::new(FastSet::default()),
                     next_id: self.next_id.clone(),
                 })
             })
