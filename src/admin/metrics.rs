@@ -171,6 +171,12 @@ pub fn eviction(cause: moka::notification::RemovalCause) {
     .increment(1);
 }
 
+/// Entries dropped at once by a flush of the local tier, which are not
+/// reported one by one.
+pub fn flushed(entries: u64) {
+    get().evictions_explicit.increment(entries);
+}
+
 pub fn set_gauges(clients: usize, active: usize, idle: usize, entries: u64, bytes: u64) {
     gauge!("pgstash_clients").set(clients as f64);
     gauge!("pgstash_server_connections", "state" => "active").set(active as f64);

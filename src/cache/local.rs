@@ -4,6 +4,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use moka::sync::Cache;
 use moka::Expiry;
@@ -60,8 +61,12 @@ impl Expiry<u128, Arc<Entry>> for PerEntryTtl {
     }
 }
 
+type Entries = Cache<u128, Arc<Entry>, FastHasher>;
+
 pub struct LocalTier {
-    entries: Cache<u128, Arc<Entry>, FastHasher>,
+    /// Swapped for an empty cache by `clear`.
+    entries: ArcSwap<Entries>,
+    capacity_bytes: u64,
     /// `capacity_bytes = 0` turns the tier off (Redis then serves alone):
     /// nothing is stored, so nothing is evicted at once either.
     disabled: bool,
@@ -71,8 +76,17 @@ pub struct LocalTier {
 impl LocalTier {
     pub fn new(capacity_bytes: u64) -> LocalTier {
         let evictions = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        LocalTier {
+            entries: ArcSwap::from_pointee(Self::build(capacity_bytes, &evictions)),
+            capacity_bytes,
+            evictions,
+            disabled: capacity_bytes == 0,
+        }
+    }
+
+    fn build(capacity_bytes: u64, evictions: &Arc<std::sync::atomic::AtomicU64>) -> Entries {
         let counted = evictions.clone();
-        let entries = Cache::builder()
+        Cache::builder()
             .max_capacity(capacity_bytes)
             .weigher(|_key, entry: &Arc<Entry>| {
                 let size = entry.payload.len()
@@ -87,33 +101,41 @@ impl LocalTier {
                 }
                 crate::admin::metrics::eviction(cause);
             })
-            .build_with_hasher(FastHasher::default());
-        LocalTier {
-            entries,
-            evictions,
-            disabled: capacity_bytes == 0,
-        }
+            .build_with_hasher(FastHasher::default())
     }
 
     pub fn get(&self, key: u128) -> Option<Arc<Entry>> {
         if self.disabled {
             return None;
         }
-        self.entries.get(&key)
+        self.entries.load().get(&key)
     }
 
     pub fn insert(&self, key: u128, entry: Entry) {
         if !self.disabled {
-            self.entries.insert(key, Arc::new(entry));
+            self.entries.load().insert(key, Arc::new(entry));
         }
     }
 
     pub fn remove(&self, key: u128) {
-        self.entries.invalidate(&key);
+        self.entries.load().invalidate(&key);
     }
 
+    /// Empties the tier at once. moka's `invalidate_all` leaves the
+    /// removal to the maintenance that inserts run: with a few hundred
+    /// thousand entries that held the worker thread, and every session on
+    /// it, for hundreds of milliseconds. Instead the cache is replaced by
+    /// an empty one and the old one is freed on a thread of its own.
     pub fn clear(&self) {
-        self.entries.invalidate_all();
+        let old = self
+            .entries
+            .swap(Arc::new(Self::build(self.capacity_bytes, &self.evictions)));
+        crate::admin::metrics::flushed(old.entry_count());
+        // Should the thread not start, the closure (and the old cache) is
+        // dropped here instead.
+        let _ = std::thread::Builder::new()
+            .name("pgstash-flush".into())
+            .spawn(move || drop(old));
     }
 
     /// Entries dropped for size or age (not replaced or invalidated).
@@ -122,10 +144,45 @@ impl LocalTier {
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.entries.entry_count()
+        self.entries.load().entry_count()
     }
 
     pub fn weighted_size(&self) -> u64 {
-        self.entries.weighted_size()
+        self.entries.load().weighted_size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(payload: &'static [u8]) -> Entry {
+        let snapshot = Snapshot {
+            database: 1,
+            epoch: 0,
+            tables: Default::default(),
+        };
+        Entry::new(
+            snapshot,
+            Bytes::from_static(payload),
+            None,
+            Duration::from_secs(60),
+        )
+    }
+
+    #[test]
+    fn a_cleared_tier_forgets_every_entry_and_keeps_serving() {
+        let tier = LocalTier::new(1 << 20);
+        for key in 0..1000u128 {
+            tier.insert(key, entry(b"old"));
+        }
+        assert!(tier.get(7).is_some());
+        tier.clear();
+        assert!((0..1000u128).all(|key| tier.get(key).is_none()));
+        tier.insert(7, entry(b"new"));
+        assert_eq!(
+            tier.get(7).expect("stored after the clear").payload,
+            &b"new"[..]
+        );
     }
 }
