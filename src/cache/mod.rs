@@ -194,7 +194,7 @@ impl Cache {
         let Some(shared) = &self.shared else {
             return Ok(self.generations.snapshot(database, tables));
         };
-        if shared.bus_fresh() {
+        if shared.bus_caught_up().await {
             if let Some(snapshot) = self.generations.known(database, tables) {
                 return Ok(snapshot);
             }
@@ -274,24 +274,13 @@ impl Cache {
         }
         let cache = self.clone();
         tokio::spawn(async move {
-            let mut keys = vec![generations::EPOCH];
-            keys.extend(snapshot.tables.iter().map(|&(t, _)| t));
-            let current = match shared.generations(snapshot.database, &keys).await {
-                Ok(values) => {
-                    values[0] == snapshot.epoch
-                        && values[1..]
-                            .iter()
-                            .zip(snapshot.tables.iter())
-                            .all(|(v, (_, g))| v == g)
-                }
-                Err(_) => false,
-            };
-            if !current {
-                cache.stats.fill(false);
-                return;
+            let current = (shared.bus_caught_up().await
+                && cache.mirror_vouches_for(&shared, &snapshot))
+                || current_in_redis(&shared, &snapshot).await;
+            cache.stats.fill(current);
+            if current {
+                cache.keep_fill(&shared, key, snapshot, stored, ttl);
             }
-            cache.keep_fill(&shared, key, snapshot, stored, ttl);
-            cache.stats.fill(true);
             drop(leader);
         });
     }
@@ -455,6 +444,22 @@ impl Cache {
         if let Some(slot) = catalogs.get_mut(database) {
             slot.stale = true;
         }
+    }
+}
+
+/// Whether the generations `snapshot` was filled under are still Redis's.
+async fn current_in_redis(shared: &SharedTier, snapshot: &Snapshot) -> bool {
+    let mut keys = vec![generations::EPOCH];
+    keys.extend(snapshot.tables.iter().map(|&(t, _)| t));
+    match shared.generations(snapshot.database, &keys).await {
+        Ok(values) => {
+            values[0] == snapshot.epoch
+                && values[1..]
+                    .iter()
+                    .zip(snapshot.tables.iter())
+                    .all(|(v, (_, g))| v == g)
+        }
+        Err(_) => false,
     }
 }
 

@@ -156,6 +156,8 @@ pub struct SharedTier {
     pub bus_healthy: AtomicBool,
     /// When anything last arrived on the bus (`coarse_ms`).
     last_heard: AtomicU64,
+    /// Signalled whenever anything arrives on the bus.
+    heard: tokio::sync::Notify,
     pub stats: SharedStats,
     /// Stores waiting for the write-behind task, which sends them in
     /// batches: a fill's client never waits for Redis, and many fills cost
@@ -284,6 +286,7 @@ impl SharedTier {
             bump_script: redis::Script::new(BUMP_SCRIPT),
             bus_healthy: AtomicBool::new(false),
             last_heard: AtomicU64::new(0),
+            heard: tokio::sync::Notify::new(),
             stats: SharedStats::default(),
         });
         if let Some(runtime) = runtime {
@@ -353,6 +356,12 @@ impl SharedTier {
 
     pub fn heard_now(&self) {
         self.last_heard.store(coarse_ms(), Ordering::SeqCst);
+        self.heard.notify_waiters();
+    }
+
+    /// How long the bus is trusted after it last delivered.
+    fn lease_ms(&self) -> u64 {
+        (self.config.heartbeat * 3).as_millis() as u64
     }
 
     /// The bus is up and has delivered something (at least our own
@@ -360,12 +369,39 @@ impl SharedTier {
     pub fn bus_fresh(&self) -> bool {
         // Both readings may lag by up to a tick: the slack keeps the lease
         // from being stretched by that.
-        let lease = (self.config.heartbeat * 3).as_millis() as u64;
+        let lease = self.lease_ms();
         self.bus_healthy.load(Ordering::SeqCst)
             && coarse_ms()
                 .saturating_sub(self.last_heard.load(Ordering::SeqCst))
                 .saturating_add(COARSE_SLACK_MS)
                 < lease
+    }
+
+    /// `bus_fresh`, giving a lease that has only just run out a moment to
+    /// be renewed. When this process was held up (a starved thread, a
+    /// burst of work), the lease runs out while the bus's next delivery
+    /// waits unread in the socket, or while this instance's own heartbeat
+    /// waits to be sent; distrusting the local tier then would send every
+    /// query of that moment to Redis for its generations, and past the
+    /// cache if the circuit opened meanwhile. Trust still comes back only
+    /// with a delivery: a bus silent for longer than two leases is not
+    /// waited for, and the wait is at most a lookup's `timeout`.
+    pub async fn bus_caught_up(&self) -> bool {
+        if self.bus_fresh() {
+            return true;
+        }
+        let silent = coarse_ms().saturating_sub(self.last_heard.load(Ordering::SeqCst));
+        if !self.bus_healthy.load(Ordering::SeqCst) || silent > 2 * self.lease_ms() {
+            return false;
+        }
+        let heard = self.heard.notified();
+        tokio::pin!(heard);
+        heard.as_mut().enable();
+        if self.bus_fresh() {
+            return true;
+        }
+        let _ = tokio::time::timeout(self.config.timeout, heard).await;
+        self.bus_fresh()
     }
 
     /// Announces this instance on the bus. Sent while the circuit is open
@@ -1154,6 +1190,45 @@ pub fn parse_bump(message: &str) -> Option<Bump> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tier whose bus delivered a moment ago; nothing is asked of Redis.
+    fn tier_heard_now(heartbeat: Duration) -> Arc<SharedTier> {
+        let tier = SharedTier::new(RedisConfig {
+            url: "redis://127.0.0.1:1".into(),
+            heartbeat,
+            ..RedisConfig::default()
+        });
+        tier.bus_healthy.store(true, Ordering::SeqCst);
+        tier.heard_now();
+        tier
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_just_ran_out_is_renewed_by_the_next_delivery() {
+        let heartbeat = Duration::from_millis(100);
+        let tier = tier_heard_now(heartbeat);
+        let lease = heartbeat * 3 + Duration::from_millis(COARSE_SLACK_MS);
+        tokio::time::sleep(lease + Duration::from_millis(COARSE_SLACK_MS)).await;
+        assert!(!tier.bus_fresh(), "the lease has run out");
+        let delivering = tier.clone();
+        let delivery = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            delivering.heard_now();
+        });
+        assert!(tier.bus_caught_up().await, "trusted again once heard");
+        delivery.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bus_silent_for_long_or_down_is_not_waited_for() {
+        let heartbeat = Duration::from_millis(100);
+        let tier = tier_heard_now(heartbeat);
+        tokio::time::sleep(heartbeat * 7 + Duration::from_millis(2 * COARSE_SLACK_MS)).await;
+        assert!(!tier.bus_caught_up().await, "silent for over two leases");
+        tier.heard_now();
+        tier.bus_healthy.store(false, Ordering::SeqCst);
+        assert!(!tier.bus_caught_up().await, "subscription down");
+    }
 
     fn decode(value: &[u8]) -> Option<StoredResult> {
         StoredResult::decode(Bytes::copy_from_slice(value))
