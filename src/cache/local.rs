@@ -63,6 +63,11 @@ impl Expiry<u128, Arc<Entry>> for PerEntryTtl {
 
 type Entries = Cache<u128, Arc<Entry>, FastHasher>;
 
+/// A cleared cache with fewer entries than this is freed where it is
+/// cleared: a thread would cost more (writes while Redis is down clear the
+/// tier for every write).
+const FREED_IN_PLACE: u64 = 10_000;
+
 pub struct LocalTier {
     /// Swapped for an empty cache by `clear`.
     entries: ArcSwap<Entries>,
@@ -130,7 +135,11 @@ impl LocalTier {
         let old = self
             .entries
             .swap(Arc::new(Self::build(self.capacity_bytes, &self.evictions)));
-        crate::admin::metrics::flushed(old.entry_count());
+        let entries = old.entry_count();
+        crate::admin::metrics::flushed(entries);
+        if entries < FREED_IN_PLACE {
+            return;
+        }
         // Should the thread not start, the closure (and the old cache) is
         // dropped here instead.
         let _ = std::thread::Builder::new()
