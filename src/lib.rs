@@ -42,7 +42,8 @@ pub mod upstream;
 /// Maps and sets on the per-query path. Their keys are hashes already, or
 /// names a client chose within its own session: foldhash with a seed
 /// drawn per process is enough there, and far cheaper than SipHash.
-pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
-/// The hasher of the moka caches keyed by statement hashes.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, FastHasher>;
+pub type FastSet<K> = std::collections::HashSet<K, FastHasher>;
+/// The hasher of those maps and of the moka caches keyed by statement
+/// hashes.
 pub type FastHasher = foldhash::fast::RandomState;

@@ -130,7 +130,7 @@ impl LocalTier {
     /// removal to the maintenance that inserts run: with a few hundred
     /// thousand entries that held the worker thread, and every session on
     /// it, for hundreds of milliseconds. Instead the cache is replaced by
-    /// an empty one and the old one is freed on a thread of its own.
+    /// an empty one, and a large old one is freed on a thread of its own.
     pub fn clear(&self) {
         let old = self
             .entries
