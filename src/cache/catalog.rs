@@ -4,10 +4,11 @@
 //! function volatility, and the default search_path. Loaded over a server
 //! connection and reloaded after DDL.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::hash_map::Entry;
 
 use crate::sql::analyze::Name;
 use crate::upstream::{ServerConn, UpstreamError};
+use crate::{FastMap, FastSet};
 
 #[derive(Debug, Clone, Default)]
 pub struct Relation {
@@ -31,15 +32,40 @@ pub struct Relation {
     pub cascades_to: Vec<u32>,
 }
 
+/// Values by schema and then name: resolving a name on every query looks
+/// it up by `&str`, without building an owned key for each schema tried.
+#[derive(Debug)]
+struct ByQualifiedName<V>(FastMap<String, FastMap<String, V>>);
+
+impl<V> Default for ByQualifiedName<V> {
+    fn default() -> Self {
+        ByQualifiedName(FastMap::default())
+    }
+}
+
+impl<V> ByQualifiedName<V> {
+    fn get(&self, schema: &str, name: &str) -> Option<&V> {
+        self.0.get(schema)?.get(name)
+    }
+
+    fn insert(&mut self, schema: String, name: String, value: V) {
+        self.entry(schema, name).insert_entry(value);
+    }
+
+    fn entry(&mut self, schema: String, name: String) -> Entry<'_, String, V> {
+        self.0.entry(schema).or_default().entry(name)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Catalog {
     pub database_oid: u32,
     /// The search_path a session starts with (`reset_val`).
     pub default_search_path: String,
-    by_name: HashMap<(String, String), u32>,
-    relations: HashMap<u32, Relation>,
+    by_name: ByQualifiedName<u32>,
+    relations: FastMap<u32, Relation>,
     /// Worst volatility per (schema, name) over all overloads: 'i' < 's' < 'v'.
-    functions: HashMap<(String, String), u8>,
+    functions: ByQualifiedName<u8>,
 }
 
 /// Schemas whose relations are the catalog itself.
@@ -76,7 +102,7 @@ impl Catalog {
             };
             catalog
                 .by_name
-                .insert((relation.schema.clone(), relation.name.clone()), oid);
+                .insert(relation.schema.clone(), relation.name.clone(), oid);
             catalog.relations.insert(oid, relation);
         }
         for row in query(
@@ -113,9 +139,11 @@ impl Catalog {
             }
         }
         for row in query(server, "SELECT n.nspname, p.proname, p.provolatile::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace").await? {
-            let key = (text(&row[0]), text(&row[1]));
             let v = text(&row[2]).bytes().next().unwrap_or(b'v');
-            let entry = catalog.functions.entry(key).or_insert(v);
+            let entry = catalog
+                .functions
+                .entry(text(&row[0]), text(&row[1]))
+                .or_insert(v);
             if volatility_rank(v) > volatility_rank(*entry) {
                 *entry = v;
             }
@@ -154,13 +182,10 @@ impl Catalog {
     /// Resolves a relation name the way Postgres would for this path.
     pub fn resolve(&self, name: &Name, schemas: &[String]) -> Option<u32> {
         match &name.schema {
-            Some(schema) => self
-                .by_name
-                .get(&(schema.clone(), name.name.clone()))
-                .copied(),
+            Some(schema) => self.by_name.get(schema, &name.name).copied(),
             None => schemas
                 .iter()
-                .find_map(|s| self.by_name.get(&(s.clone(), name.name.clone())).copied()),
+                .find_map(|s| self.by_name.get(s, &name.name).copied()),
         }
     }
 
@@ -169,14 +194,10 @@ impl Catalog {
     /// could come from), or `None` if no such function exists.
     pub fn function_volatility(&self, name: &Name, schemas: &[String]) -> Option<u8> {
         let candidates: Vec<&u8> = match &name.schema {
-            Some(schema) => self
-                .functions
-                .get(&(schema.clone(), name.name.clone()))
-                .into_iter()
-                .collect(),
+            Some(schema) => self.functions.get(schema, &name.name).into_iter().collect(),
             None => schemas
                 .iter()
-                .filter_map(|s| self.functions.get(&(s.clone(), name.name.clone())))
+                .filter_map(|s| self.functions.get(s, &name.name))
                 .collect(),
         };
         candidates
@@ -190,8 +211,8 @@ impl Catalog {
     /// foreign keys, and for a view the tables under it. `None` when the
     /// effects cannot be bounded (user triggers).
     pub fn write_closure(&self, oid: u32) -> Option<Vec<u32>> {
-        let mut written = HashSet::new();
-        let mut affected = HashSet::new();
+        let mut written = FastSet::default();
+        let mut affected = FastSet::default();
         let mut stack = vec![oid];
         while let Some(current) = stack.pop() {
             if !written.insert(current) {

@@ -231,6 +231,15 @@ impl PendingPut {
 
 /// An entry's identity: its key and the generations it was filled under
 /// (`SharedTier::entry_id_of_key` reads it back from a Redis key).
+/// Writes `bytes` into `out` as lowercase hex, two digits each.
+fn write_hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
+}
+
 fn entry_id_of(key: u128, generations: u64) -> u128 {
     key ^ u128::from(generations)
 }
@@ -788,8 +797,20 @@ impl SharedTier {
         self.entry_key_of(key, generations_hash(snapshot))
     }
 
+    /// `{prefix}r:{key:032x}:{generations:016x}`, written directly: it is
+    /// built for every lookup and store, and `format!` of a `u128` in hex
+    /// cost more than the rest of a lookup's bookkeeping.
     fn entry_key_of(&self, key: u128, generations: u64) -> String {
-        format!("{}r:{key:032x}:{generations:016x}", self.config.prefix)
+        let mut digits = [0u8; 32 + 1 + 16];
+        let (key_digits, rest) = digits.split_at_mut(32);
+        write_hex(&key.to_be_bytes(), key_digits);
+        rest[0] = b':';
+        write_hex(&generations.to_be_bytes(), &mut rest[1..]);
+        let mut redis_key = String::with_capacity(self.config.prefix.len() + 2 + digits.len());
+        redis_key.push_str(&self.config.prefix);
+        redis_key.push_str("r:");
+        redis_key.push_str(std::str::from_utf8(&digits).expect("hex digits are ASCII"));
+        redis_key
     }
 
     /// The entry's identity in announcements: its key and generations.
@@ -953,13 +974,14 @@ impl SharedTier {
         let mut announcement = self.instance.to_vec();
         announcement.extend_from_slice(&Presence::encode(&records));
         let set = |put: PendingPut| {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(self.entry_key_of(put.key, put.generations))
-                .arg(
-                    put.stored
-                        .encode(self.config.compress_above, put.filled_at)
-                        .as_ref(),
-                )
+            let key = self.entry_key_of(put.key, put.generations);
+            let value = put.stored.encode(self.config.compress_above, put.filled_at);
+            // Sized up front: grown argument by argument, the command's
+            // buffer was reallocated several times for every store.
+            let mut cmd = Cmd::with_capacity(5, "SETPX".len() + key.len() + value.len() + 20);
+            cmd.arg("SET")
+                .arg(key)
+                .arg(value.as_ref())
                 .arg("PX")
                 .arg(put.ttl.as_millis().max(1) as u64);
             cmd
@@ -971,11 +993,14 @@ impl SharedTier {
         let started = Instant::now();
         let result = match &mut conn {
             Connection::Single(single) => {
-                let mut pipe = redis::pipe();
+                // Nothing is marked ignored: the replies are checked for
+                // errors and then dropped either way, and ignoring fills a
+                // set with every command's index.
+                let mut pipe = Pipeline::with_capacity(sets.len() + 1);
                 for cmd in sets {
-                    pipe.add_command(cmd).ignore();
+                    pipe.add_command(cmd);
                 }
-                pipe.add_command(publish).ignore();
+                pipe.add_command(publish);
                 tokio::time::timeout(self.store_timeout(), pipe.query_async::<()>(single)).await
             }
             Connection::Cluster(cluster) => {
@@ -1232,6 +1257,30 @@ mod tests {
 
     fn decode(value: &[u8]) -> Option<StoredResult> {
         StoredResult::decode(Bytes::copy_from_slice(value))
+    }
+
+    #[tokio::test]
+    async fn entry_keys_are_spelled_as_they_always_were() {
+        // Entries other instances (and older versions) stored stay
+        // reachable only if every instance spells their keys alike.
+        let tier = SharedTier::new(RedisConfig {
+            url: "redis://127.0.0.1:1".into(),
+            prefix: "app:".into(),
+            ..RedisConfig::default()
+        });
+        for (key, generations) in [
+            (0u128, 0u64),
+            (1, u64::MAX),
+            (u128::MAX, 0x0123_4567_89ab_cdef),
+            (0xfedc_ba98_7654_3210 << 64, 0xa0),
+        ] {
+            let spelled = tier.entry_key_of(key, generations);
+            assert_eq!(spelled, format!("app:r:{key:032x}:{generations:016x}"));
+            assert_eq!(
+                tier.entry_id_of_key(&spelled),
+                Some(entry_id_of(key, generations))
+            );
+        }
     }
 
     #[test]
