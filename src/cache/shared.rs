@@ -229,8 +229,6 @@ impl PendingPut {
     }
 }
 
-/// An entry's identity: its key and the generations it was filled under
-/// (`SharedTier::entry_id_of_key` reads it back from a Redis key).
 /// Writes `bytes` into `out` as lowercase hex, two digits each.
 fn write_hex(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -240,6 +238,8 @@ fn write_hex(bytes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// An entry's identity: its key and the generations it was filled under
+/// (`SharedTier::entry_id_of_key` reads it back from a Redis key).
 fn entry_id_of(key: u128, generations: u64) -> u128 {
     key ^ u128::from(generations)
 }
