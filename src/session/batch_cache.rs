@@ -178,7 +178,9 @@ impl Session {
             unnamed: None,
         };
         for group in &groups {
-            let (text, types, analysis) = match &group.parse {
+            // Borrowed: copying the text and parameter types of every
+            // execute cost two allocations a query.
+            let (text, types, analysis): (&[u8], &[u32], _) = match &group.parse {
                 Some(parse) => {
                     let analysis = cache.analyze(std::str::from_utf8(parse.query).ok()?);
                     if parse.name.is_empty() {
@@ -198,13 +200,13 @@ impl Session {
                             Arc::new(new_statement(parse, analysis.clone(), self.search_path())),
                         ));
                     }
-                    (parse.query.to_vec(), parse.param_types.clone(), analysis)
+                    (parse.query, &parse.param_types, analysis)
                 }
                 None if group.bind.statement.is_empty() => {
                     let statement = plan.unnamed.as_ref()?;
                     (
-                        statement.query.clone(),
-                        statement.param_types.clone(),
+                        &statement.query,
+                        &statement.param_types,
                         statement.analysis.clone()?,
                     )
                 }
@@ -216,8 +218,8 @@ impl Session {
                             .map(|(_, s)| s)
                     })?;
                     (
-                        statement.query.clone(),
-                        statement.param_types.clone(),
+                        &statement.query,
+                        &statement.param_types,
                         statement.analysis.clone()?,
                     )
                 }
@@ -233,8 +235,8 @@ impl Session {
             let key = statement_key(
                 ctx.context,
                 Protocol::Extended,
-                &text,
-                &types,
+                text,
+                types,
                 group.bind.rest,
             );
             plan.executes.push(PlannedExecute {
