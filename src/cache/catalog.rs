@@ -49,7 +49,7 @@ impl<V> ByQualifiedName<V> {
     }
 
     fn insert(&mut self, schema: String, name: String, value: V) {
-        self.entry(schema, name).insert_entry(value);
+        self.0.entry(schema).or_default().insert(name, value);
     }
 
     fn entry(&mut self, schema: String, name: String) -> Entry<'_, String, V> {

@@ -71,10 +71,9 @@ const FREED_IN_PLACE: u64 = 10_000;
 pub struct LocalTier {
     /// Swapped for an empty cache by `clear`.
     entries: ArcSwap<Entries>,
+    /// 0 turns the tier off (Redis then serves alone): nothing is stored,
+    /// so nothing is evicted at once either.
     capacity_bytes: u64,
-    /// `capacity_bytes = 0` turns the tier off (Redis then serves alone):
-    /// nothing is stored, so nothing is evicted at once either.
-    disabled: bool,
     evictions: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -85,7 +84,6 @@ impl LocalTier {
             entries: ArcSwap::from_pointee(Self::build(capacity_bytes, &evictions)),
             capacity_bytes,
             evictions,
-            disabled: capacity_bytes == 0,
         }
     }
 
@@ -109,15 +107,19 @@ impl LocalTier {
             .build_with_hasher(FastHasher::default())
     }
 
+    fn disabled(&self) -> bool {
+        self.capacity_bytes == 0
+    }
+
     pub fn get(&self, key: u128) -> Option<Arc<Entry>> {
-        if self.disabled {
+        if self.disabled() {
             return None;
         }
         self.entries.load().get(&key)
     }
 
     pub fn insert(&self, key: u128, entry: Entry) {
-        if !self.disabled {
+        if !self.disabled() {
             self.entries.load().insert(key, Arc::new(entry));
         }
     }

@@ -199,9 +199,7 @@ impl Cache {
                 return Ok(snapshot);
             }
         }
-        let mut keys = Vec::with_capacity(tables.len() + 1);
-        keys.push(generations::EPOCH);
-        keys.extend_from_slice(tables);
+        let keys = with_epoch(tables.iter().copied());
         match shared.generations(database, &keys).await {
             Ok(values) => {
                 let pairs: Vec<(u32, u64)> =
@@ -449,8 +447,7 @@ impl Cache {
 
 /// Whether the generations `snapshot` was filled under are still Redis's.
 async fn current_in_redis(shared: &SharedTier, snapshot: &Snapshot) -> bool {
-    let mut keys = vec![generations::EPOCH];
-    keys.extend(snapshot.tables.iter().map(|&(t, _)| t));
+    let keys = with_epoch(snapshot.tables.iter().map(|&(t, _)| t));
     match shared.generations(snapshot.database, &keys).await {
         Ok(values) => {
             values[0] == snapshot.epoch
@@ -461,6 +458,15 @@ async fn current_in_redis(shared: &SharedTier, snapshot: &Snapshot) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// The generation keys Redis is asked for: the database's epoch, then
+/// each table's.
+fn with_epoch(tables: impl ExactSizeIterator<Item = u32>) -> Vec<u32> {
+    let mut keys = Vec::with_capacity(tables.len() + 1);
+    keys.push(generations::EPOCH);
+    keys.extend(tables);
+    keys
 }
 
 fn entry(snapshot: Snapshot, stored: StoredResult, ttl: std::time::Duration) -> Entry {
