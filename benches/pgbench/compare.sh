@@ -748,7 +748,7 @@ per_round() {
         # shellcheck disable=SC2086 # f holds a command and its arguments
         values+="$($f "${a[$i]}" "${b[$i]:-}") "
     done
-    median "${values//+/}" "$digits"
+    median "$values" "$digits"
 }
 mh() { median "${hits["$1,$2"]:-}" 1; }
 ms() { median "${rshare["$1,$2"]:-}" 1; }
