@@ -406,7 +406,8 @@ pub struct RedisConfig {
     #[serde(with = "humantime_serde")]
     pub bump_timeout: Duration,
     /// Consecutive failures that open the circuit; while open, Redis is not
-    /// asked and costs nothing.
+    /// asked and costs nothing. Commands in flight together when they
+    /// failed count as one.
     pub circuit_failures: u32,
     #[serde(with = "humantime_serde")]
     pub circuit_open_for: Duration,

@@ -129,11 +129,15 @@ pub fn tier_hit(tier: Tier) {
     .increment(1);
 }
 
+/// 0 while the circuit to Redis is open.
 pub fn redis_up(up: bool) {
     gauge!("pgstash_redis_up").set(if up { 1.0 } else { 0.0 });
-    if !up {
-        counter!("pgstash_redis_errors_total").increment(1);
-    }
+}
+
+/// Every Redis command or connect that failed or timed out, whether or not
+/// the circuit opened.
+pub fn redis_error() {
+    counter!("pgstash_redis_errors_total").increment(1);
 }
 
 pub fn redis_latency(elapsed: std::time::Duration) {

@@ -114,10 +114,52 @@ pub enum SharedError {
     Batch(String),
 }
 
+/// Consecutive failures, counted so that one stall is one failure: a
+/// command that was already in flight when the last failure was recorded
+/// failed in the same moment as that one (a stall of Redis, or of this
+/// process, times out every lookup in flight together). A Redis that stays
+/// down or silent fails the commands sent after each failure too, and
+/// opens the circuit after `circuit_failures` of them in a row.
 #[derive(Default)]
 struct Circuit {
     failures: u32,
+    last_failure: Option<Instant>,
     open_until: Option<Instant>,
+}
+
+impl Circuit {
+    /// Records a failure of a command sent at `sent`; true when it opens
+    /// the circuit (or keeps it open) for `open_for`.
+    fn fail(&mut self, sent: Instant, threshold: u32, open_for: Duration) -> bool {
+        let now = Instant::now();
+        if self.last_failure.is_none_or(|last| sent >= last) {
+            self.failures += 1;
+            self.last_failure = Some(now);
+        }
+        if self.failures < threshold {
+            return false;
+        }
+        self.open_until = Some(now + open_for);
+        true
+    }
+}
+
+/// `tokio::time::timeout` for a Redis command, except that a reply already
+/// received when the timer fires still counts. When this process has been
+/// kept off the CPU for longer than `limit` (a busy node), the reply and
+/// the timer come due in the same turn of the runtime, and the timer's
+/// task may run before the connection's task has read the reply: one
+/// yield lets it, and the command is asked once more.
+async fn within<F: std::future::Future>(
+    limit: Duration,
+    command: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut command = std::pin::pin!(command);
+    if let Ok(done) = tokio::time::timeout(limit, command.as_mut()).await {
+        return Ok(done);
+    }
+    tokio::task::yield_now().await;
+    tokio::time::timeout(Duration::ZERO, command).await
 }
 
 /// Counters for the admin console and tests.
@@ -529,20 +571,23 @@ impl SharedTier {
             .is_some_and(|until| Instant::now() < until)
     }
 
-    fn record(&self, ok: bool) {
+    fn record_success(&self) {
         let mut circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
-        if ok {
-            *circuit = Circuit::default();
-            crate::admin::metrics::redis_up(true);
-            return;
-        }
+        *circuit = Circuit::default();
+        crate::admin::metrics::redis_up(true);
+    }
+
+    /// A command (or a connect) begun at `sent` failed.
+    fn record_failure(&self, sent: Instant) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        circuit.failures += 1;
-        if circuit.failures >= self.config.circuit_failures {
-            if circuit.open_until.is_none() {
+        crate::admin::metrics::redis_error();
+        let mut circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        let was_open = circuit.open_until.is_some();
+        let threshold = self.config.circuit_failures;
+        if circuit.fail(sent, threshold, self.config.circuit_open_for) {
+            if !was_open {
                 tracing::warn!("redis circuit opened");
             }
-            circuit.open_until = Some(Instant::now() + self.config.circuit_open_for);
             crate::admin::metrics::redis_up(false);
         }
     }
@@ -565,6 +610,7 @@ impl SharedTier {
         if let Some(c) = self.cached_connection() {
             return Ok(c);
         }
+        let began = Instant::now();
         let connected = tokio::time::timeout(self.config.connect_timeout, self.connect()).await;
         match connected {
             Ok(Ok(c)) => {
@@ -572,11 +618,11 @@ impl SharedTier {
                 Ok(c)
             }
             Ok(Err(e)) => {
-                self.record(false);
+                self.record_failure(began);
                 Err(e)
             }
             Err(_) => {
-                self.record(false);
+                self.record_failure(began);
                 Err(SharedError::Timeout)
             }
         }
@@ -647,10 +693,7 @@ impl SharedTier {
     /// Runs one command with the timeout and circuit bookkeeping.
     async fn run<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, SharedError> {
         let mut conn = self.connection().await?;
-        let started = Instant::now();
-        let result = self.query(&mut conn, cmd).await;
-        crate::admin::metrics::redis_latency(started.elapsed());
-        result
+        self.query(&mut conn, cmd).await
     }
 
     /// One command on `conn` within the timeout, its outcome counted
@@ -660,8 +703,10 @@ impl SharedTier {
         conn: &mut Connection,
         cmd: &Cmd,
     ) -> Result<T, SharedError> {
-        let result = tokio::time::timeout(self.config.timeout, cmd.query_async::<T>(conn)).await;
-        self.finish(result)
+        let sent = Instant::now();
+        let result = within(self.config.timeout, cmd.query_async::<T>(conn)).await;
+        crate::admin::metrics::redis_latency(sent.elapsed());
+        self.finish(result, sent)
     }
 
     /// `finish` for a command allowed longer than a lookup: answered, but
@@ -669,21 +714,23 @@ impl SharedTier {
     fn finish_unhurried<T>(
         &self,
         result: Result<RedisResult<T>, tokio::time::error::Elapsed>,
-        took: Duration,
+        sent: Instant,
     ) -> Result<T, SharedError> {
         match result {
-            Ok(Ok(v)) if took > self.config.timeout => Ok(v),
-            result => self.finish(result),
+            Ok(Ok(v)) if sent.elapsed() > self.config.timeout => Ok(v),
+            result => self.finish(result, sent),
         }
     }
 
+    /// The outcome of a command sent at `sent`, counted toward the circuit.
     fn finish<T>(
         &self,
         result: Result<RedisResult<T>, tokio::time::error::Elapsed>,
+        sent: Instant,
     ) -> Result<T, SharedError> {
         match result {
             Ok(Ok(v)) => {
-                self.record(true);
+                self.record_success();
                 Ok(v)
             }
             Ok(Err(e)) => {
@@ -697,11 +744,11 @@ impl SharedTier {
                 {
                     *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
-                self.record(false);
+                self.record_failure(sent);
                 Err(SharedError::Redis(e))
             }
             Err(_) => {
-                self.record(false);
+                self.record_failure(sent);
                 Err(SharedError::Timeout)
             }
         }
@@ -777,15 +824,14 @@ impl SharedTier {
         invocation.arg(self.channel());
         invocation.arg(format!("{database}|{}|{sent_at}", tables_text.join(",")));
         invocation.arg(self.publish_command());
-        let started = Instant::now();
-        let result = tokio::time::timeout(
+        let sent = Instant::now();
+        let result = within(
             self.bump_try_timeout(),
             invocation.invoke_async::<Vec<u64>>(&mut conn),
         )
         .await;
-        let took = started.elapsed();
-        crate::admin::metrics::redis_latency(took);
-        let values = self.finish_unhurried(result, took)?;
+        crate::admin::metrics::redis_latency(sent.elapsed());
+        let values = self.finish_unhurried(result, sent)?;
         self.stats.bumps_sent.fetch_add(1, Ordering::Relaxed);
         crate::admin::metrics::bus_message("sent");
         Ok(values)
@@ -990,7 +1036,7 @@ impl SharedTier {
         publish.arg(self.fills_channel()).arg(announcement);
         // Encoded before the clock starts: the timeout is for Redis.
         let sets: Vec<Cmd> = batch.drain(..).map(set).collect();
-        let started = Instant::now();
+        let sent = Instant::now();
         let result = match &mut conn {
             Connection::Single(single) => {
                 // Nothing is marked ignored: the replies are checked for
@@ -1001,7 +1047,7 @@ impl SharedTier {
                     pipe.add_command(cmd);
                 }
                 pipe.add_command(publish);
-                tokio::time::timeout(self.store_timeout(), pipe.query_async::<()>(single)).await
+                within(self.store_timeout(), pipe.query_async::<()>(single)).await
             }
             Connection::Cluster(cluster) => {
                 let template = cluster.clone();
@@ -1016,12 +1062,11 @@ impl SharedTier {
                         .collect::<RedisResult<()>>()?;
                     publish.query_async::<()>(cluster).await
                 };
-                tokio::time::timeout(self.store_timeout(), stored_then_announced).await
+                within(self.store_timeout(), stored_then_announced).await
             }
         };
-        let took = started.elapsed();
-        crate::admin::metrics::redis_latency(took);
-        if self.finish_unhurried(result, took).is_ok() {
+        crate::admin::metrics::redis_latency(sent.elapsed());
+        if self.finish_unhurried(result, sent).is_ok() {
             // This instance's own lookups find its entries from now on.
             let now = coarse_ms();
             for (id, ttl) in records {
@@ -1215,6 +1260,41 @@ pub fn parse_bump(message: &str) -> Option<Bump> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_of_commands_in_flight_together_count_once() {
+        let open_for = Duration::from_secs(2);
+        let mut circuit = Circuit::default();
+        // Eight lookups sent together, all timed out by one stall.
+        let sent = Instant::now();
+        for _ in 0..8 {
+            assert!(!circuit.fail(sent, 3, open_for));
+        }
+        assert_eq!(circuit.failures, 1);
+        // Each sent after the failure before it: a Redis that stays silent.
+        assert!(!circuit.fail(Instant::now(), 3, open_for));
+        assert!(circuit.fail(Instant::now(), 3, open_for));
+        assert!(circuit
+            .open_until
+            .is_some_and(|until| until > Instant::now()));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_reply_that_arrived_with_the_timer_is_not_a_timeout() {
+        // The reply is read by a task woken in the same turn as the
+        // command's timer, after it: this thread was kept busy past both.
+        let (answer, answered) = tokio::sync::oneshot::channel::<u8>();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let _ = answer.send(7);
+        });
+        tokio::spawn(async { std::thread::sleep(Duration::from_millis(30)) });
+        let outcome = within(Duration::from_millis(5), answered).await;
+        assert_eq!(outcome.ok().and_then(Result::ok), Some(7));
+
+        let (_never, silent) = tokio::sync::oneshot::channel::<u8>();
+        assert!(within(Duration::from_millis(5), silent).await.is_err());
+    }
 
     /// A tier whose bus delivered a moment ago; nothing is asked of Redis.
     fn tier_heard_now(heartbeat: Duration) -> Arc<SharedTier> {
