@@ -285,13 +285,13 @@ wait_ready() {
 # Every pooler keeps its server connections open between runs, beside the
 # direct runs' own: more than Postgres admits would fail a run midway
 # ("too many clients"), so the limit is checked before anything starts.
-# PgBouncer has two pools (transaction and session mode); a few more are
-# for psql.
+# PgBouncer has two pools: POOL_SIZE in transaction mode, and one server
+# connection per client in session mode; a few more are for psql.
 pgstash_targets=0
 for target in "${targets[@]}"; do
     is_pgstash "$target" && pgstash_targets=$((pgstash_targets + 1))
 done
-wanted=$((CLIENTS + 2 * uses_bouncer * POOL_SIZE + pgstash_targets * POOL_SIZE + 3))
+wanted=$((CLIENTS + uses_bouncer * (POOL_SIZE + CLIENTS) + pgstash_targets * POOL_SIZE + 3))
 admitted=$(psql -X -q -At -h "$UP_HOST" -p "$UP_PORT" -U postgres -d postgres -c "
     SELECT current_setting('max_connections')::int
          - CASE WHEN (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN 0
@@ -343,11 +343,13 @@ if [[ $uses_bouncer == 1 ]]; then
 EOF
     # $DB pools in transaction mode; ${DB}_session is the same database in
     # session mode, because PgBouncer 1.18's transaction mode cannot serve
-    # protocol-level prepared statements.
+    # protocol-level prepared statements. A session holds its server
+    # connection until the client leaves, so that pool has one per client
+    # (with fewer, the clients beyond it wait out the whole run).
     cat >"$work/pgbouncer.ini" <<EOF
 [databases]
 $DB = host=$UP_HOST port=$UP_PORT dbname=$DB
-${DB}_session = host=$UP_HOST port=$UP_PORT dbname=$DB pool_mode=session
+${DB}_session = host=$UP_HOST port=$UP_PORT dbname=$DB pool_mode=session pool_size=$CLIENTS
 
 [pgbouncer]
 listen_addr = 127.0.0.1
