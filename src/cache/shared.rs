@@ -162,6 +162,18 @@ async fn within<F: std::future::Future>(
     tokio::time::timeout(Duration::ZERO, command).await
 }
 
+/// A Redis command run `within` its limit, its latency recorded: the
+/// outcome, and when the command was sent (which the circuit counts by).
+async fn timed<F: std::future::Future>(
+    limit: Duration,
+    command: F,
+) -> (Result<F::Output, tokio::time::error::Elapsed>, Instant) {
+    let sent = Instant::now();
+    let outcome = within(limit, command).await;
+    crate::admin::metrics::redis_latency(sent.elapsed());
+    (outcome, sent)
+}
+
 /// Counters for the admin console and tests.
 #[derive(Debug, Default)]
 pub struct SharedStats {
@@ -703,9 +715,7 @@ impl SharedTier {
         conn: &mut Connection,
         cmd: &Cmd,
     ) -> Result<T, SharedError> {
-        let sent = Instant::now();
-        let result = within(self.config.timeout, cmd.query_async::<T>(conn)).await;
-        crate::admin::metrics::redis_latency(sent.elapsed());
+        let (result, sent) = timed(self.config.timeout, cmd.query_async::<T>(conn)).await;
         self.finish(result, sent)
     }
 
@@ -824,13 +834,11 @@ impl SharedTier {
         invocation.arg(self.channel());
         invocation.arg(format!("{database}|{}|{sent_at}", tables_text.join(",")));
         invocation.arg(self.publish_command());
-        let sent = Instant::now();
-        let result = within(
+        let (result, sent) = timed(
             self.bump_try_timeout(),
             invocation.invoke_async::<Vec<u64>>(&mut conn),
         )
         .await;
-        crate::admin::metrics::redis_latency(sent.elapsed());
         let values = self.finish_unhurried(result, sent)?;
         self.stats.bumps_sent.fetch_add(1, Ordering::Relaxed);
         crate::admin::metrics::bus_message("sent");
@@ -1036,8 +1044,7 @@ impl SharedTier {
         publish.arg(self.fills_channel()).arg(announcement);
         // Encoded before the clock starts: the timeout is for Redis.
         let sets: Vec<Cmd> = batch.drain(..).map(set).collect();
-        let sent = Instant::now();
-        let result = match &mut conn {
+        let (result, sent) = match &mut conn {
             Connection::Single(single) => {
                 // Nothing is marked ignored: the replies are checked for
                 // errors and then dropped either way, and ignoring fills a
@@ -1047,7 +1054,7 @@ impl SharedTier {
                     pipe.add_command(cmd);
                 }
                 pipe.add_command(publish);
-                within(self.store_timeout(), pipe.query_async::<()>(single)).await
+                timed(self.store_timeout(), pipe.query_async::<()>(single)).await
             }
             Connection::Cluster(cluster) => {
                 let template = cluster.clone();
@@ -1062,10 +1069,9 @@ impl SharedTier {
                         .collect::<RedisResult<()>>()?;
                     publish.query_async::<()>(cluster).await
                 };
-                within(self.store_timeout(), stored_then_announced).await
+                timed(self.store_timeout(), stored_then_announced).await
             }
         };
-        crate::admin::metrics::redis_latency(sent.elapsed());
         if self.finish_unhurried(result, sent).is_ok() {
             // This instance's own lookups find its entries from now on.
             let now = coarse_ms();
